@@ -1,0 +1,565 @@
+"""A Mistral / Llama-family decoder in one file, read top to bottom (after nanoGPT, gpt-fast and Meta's
+reference model.py): config and presets, RMSNorm, RoPE, grouped-query attention, SwiGLU, the
+Transformer, KV-cache generation, then checkpoint I/O (our own safetensors reader and writer, the
+Hugging Face layout and Meta's / Mistral's original layout).
+
+Parameter names are Meta's, so they ARE the state-dict keys of the original checkpoints
+(`layers.0.attention.wq.weight`); the Hugging Face names are mapped in `_hf_name`.
+"""
+import json
+import math
+import mmap
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8           # grouped-query attention: each K/V head serves n_heads // n_kv_heads query heads
+    vocab_size: int = 32000
+    hidden_dim: int = 14336       # SwiGLU inner width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 32768      # only recorded (config.json); RoPE is computed per position, no table to size
+    sliding_window: int | None = None  # query i sees keys j with i - j < sliding_window (as HF Mistral)
+    tie_embeddings: bool = False  # output.weight IS tok_embeddings.weight
+    head_dim: int | None = None   # None = dim // n_heads (kept None, so dataclasses.replace(dim=...) re-derives it)
+
+    def __post_init__(self):
+        hd = self.head_dim or self.dim // self.n_heads
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads or hd % 2:
+            raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads}) and head_dim ({hd}) even (RoPE rotates pairs)")
+
+
+_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, norm_eps=1e-5)
+PRESETS = {
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, max_seq_len=2048),
+    "mistral-7b-v0.1": replace(_7B, vocab_size=32000, rope_theta=1e4, sliding_window=4096),
+    "mistral-7b-v0.2": replace(_7B, vocab_size=32000, rope_theta=1e6),
+    "mistral-7b-v0.3": replace(_7B, vocab_size=32768, rope_theta=1e6),
+    "llama-3-8b": replace(_7B, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
+}
+PRESETS["mistral-7b"] = PRESETS["mistral-7b-v0.1"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()  # the mean of squares in float32 whatever the model dtype, as Meta and HF do
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope(pos, head_dim, theta):
+    """Rotary angles (Su et al. 2021) for integer positions pos [B, T] -> cos, sin [B, T, 1, head_dim/2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of each head: Meta's layout (the complex-number view).
+    x [B, T, H, hd]; computed in float32 so bf16 keeps the phase of far positions."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, T, H, hd/2] each
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).flatten(-2).type_as(x)
+
+
+def attention_mask(q_slot, k_slot, window=None, keep=None):
+    """True where query slot i may attend key slot j: j <= i, i - j < window, and key j not padding.
+    q_slot [Tq], k_slot [S], keep [B, S] bool -> [Tq, S] (no keep) or [B, 1, Tq, S].
+    A padding query still attends to itself: an all-False row would make SDPA return NaN, and the NaN
+    would reach real rows through 0 * NaN in the next layer's attention."""
+    d = q_slot[:, None] - k_slot[None, :]  # [Tq, S]
+    m = (d >= 0) if window is None else (d >= 0) & (d < window)
+    if keep is not None:
+        m = (m & keep[:, None, None, :]) | (d == 0)
+    return m
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
+        self.head_dim = args.head_dim or args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, d]
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        if cache is not None:
+            k, v = cache.update(k, v)  # [B, KV, S, hd]: every slot filled so far
+        # mask None = plain causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each
+        # K/V head among n_heads // n_kv_heads query heads without materialising the repeats.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU (Shazeer 2020)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.checkpoint_activations = False  # recompute each block in backward: memory O(1 block) for ~1/3 more compute
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        for m in self.modules():  # N(0, 0.02) as GPT-2 / HF initializer_range; nn's defaults suit neither
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def hidden(self, tokens, pos=None, mask=None, cache=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, d]. Training needs only tokens: attention is
+        causal, so right padding cannot reach real positions. generate() also passes RoPE positions
+        pos [B, T], a mask from attention_mask() and one KVCache per layer."""
+        T = tokens.shape[1]
+        slots = torch.arange(T, device=tokens.device)
+        if pos is None:
+            pos = slots[None]
+        window = self.args.sliding_window
+        if mask is None and window is not None and T > window:
+            mask = attention_mask(slots, slots, window)
+        cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta)
+        x = self.tok_embeddings(tokens)  # [B, T, d]
+        for i, layer in enumerate(self.layers):
+            if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+        return self.norm(x)
+
+    def forward(self, tokens):
+        return self.output(self.hidden(tokens))  # [B, T, V]
+
+
+# ----------------------------------------------------------------------------- generation
+
+class KVCache:
+    """One layer's keys and values for every slot so far: [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, max_len):
+        self.max_len, self.n, self.k, self.v = max_len, 0, None, None
+
+    def update(self, k, v):  # append k, v [B, KV, T, hd]; return all filled slots
+        if self.k is None:  # allocated on first use, in the dtype and device the layer computes in
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        end = self.n + k.shape[2]
+        self.k[:, :, self.n:end], self.v[:, :, self.n:end] = k, v
+        self.n = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    p, idx = probs.sort(-1, descending=True)
+    if top_p < 1:
+        p[p.cumsum(-1) - p > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    choice = torch.multinomial(p, 1, generator=generator)  # multinomial renormalises
+    return idx.gather(-1, choice)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+    """New tokens for each prompt (list of token ids), EOS included if produced and nothing after it.
+    Prompts are left-padded to a common length; each row gets its own RoPE positions (0 at its first real
+    token) and a mask hiding its padding, so a row's tokens equal generating it alone. `generator` must
+    live on the model's device. Runs in eval mode (no dropout) and restores the caller's mode."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
+    device = model.tok_embeddings.weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    L = P + max_new_tokens
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    keep = torch.ones(B, L, dtype=torch.bool)  # False on left padding
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):P] = torch.tensor(p)
+        keep[b, :P - len(p)] = False
+    tokens, keep, eos = tokens.to(device), keep.to(device), eos.to(device)
+    pos = (keep.cumsum(1) - 1).clamp(min=0)  # [B, L]
+    slots = torch.arange(L, device=device)
+    cache = [KVCache(L) for _ in model.layers]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = torch.full((B,), max_new_tokens, device=device)  # tokens kept per row (through its EOS)
+    was_training = model.training
+    model.eval()
+    try:
+        start, end = 0, P  # first call: the whole prompt block; then one slot per step
+        for i in range(max_new_tokens):
+            mask = attention_mask(slots[start:end], slots[:end], model.args.sliding_window, keep[:, :end])
+            h = model.hidden(tokens[:, start:end], pos[:, start:end], mask, cache)  # [B, T, d]
+            nxt = sample(model.output(h[:, -1]).float(), temperature, top_p, generator)  # [B]
+            tokens[:, end] = nxt
+            hit = torch.isin(nxt, eos) & ~done
+            n_new[hit] = i + 1
+            done |= hit
+            if done.all():
+                break
+            start, end = end, end + 1
+    finally:
+        model.train(was_training)
+    return [tokens[b, P:P + n].tolist() for b, n in enumerate(n_new.tolist())]
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+# safetensors: [8-byte little-endian header length N][N bytes of JSON: name -> {dtype, shape,
+# data_offsets: [begin, end)} plus an optional "__metadata__"][raw little-endian data; offsets count from here]
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} as views of a copy-on-write mmap of the file: nothing is read until used, nothing
+    copied. Every length, offset, dtype and shape is checked against the file first."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"{path}: truncated ({size} bytes): a safetensors file starts with an 8-byte header length")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated?")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
+        data = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)[8 + n:]
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
+    header.pop("__metadata__", None)
+    tensors, spans = {}, []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            valid = all(type(v) is int and v >= 0 for v in [*shape, begin, end])
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"{where}: expected {{dtype, shape: [ints >= 0], data_offsets: [begin, end]}}, "
+                             f"got {info!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not begin <= end <= len(data):
+            raise ValueError(f"{where}: data_offsets [{begin}, {end}] out of range: the data section has "
+                             f"{len(data)} bytes (truncated file?)")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, data_offsets [{begin}, {end}] "
+                             f"hold {end - begin}")
+        t = data[begin:end]
+        if t.storage_offset() % DTYPES[dtype].itemsize:
+            t = t.clone()  # view(dtype) needs an aligned start; writers pad the header to 8 so this is rare
+        tensors[name] = t.view(DTYPES[dtype]).view(shape)
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"{path}: tensors {n0!r} [{b0}, {e0}] and {n1!r} [{b1}, {e1}] overlap")
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    names = {v: k for k, v in DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad, as the official writer does, so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+# Hugging Face names of our modules; blocks live under model.layers.{i}.
+_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+       "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+       "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+       "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _hf_name(name):  # "layers.3.attention.wq.weight" -> "model.layers.3.self_attn.q_proj.weight"
+    module, param = name.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, i, sub = module.split(".", 2)
+        return f"model.layers.{i}.{_HF[sub]}.{param}"
+    return f"{_HF[module]}.{param}"
+
+
+def _rope_permute(w, n_heads, to_hf):
+    # Meta's RoPE (ours, and the original checkpoints') rotates interleaved pairs (x0, x1), (x2, x3), ... of a
+    # head; HF's rotate_half rotates (x_i, x_{i + hd/2}). HF's converter reorders the rows of wq and wk within
+    # each head so both conventions give the same q.k; we undo that reordering on load and redo it on save.
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    grouped = w.reshape((n_heads, half, 2, cols) if to_hf else (n_heads, 2, half, cols))
+    return grouped.transpose(1, 2).reshape(rows, cols)
+
+
+def _read_json(file):
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: cannot read JSON ({e})") from None
+
+
+def _get(cfg, key, file, kind=int, default=...):
+    """cfg[key], checked to be a `kind` (or None where None is the default); required if no default."""
+    v = cfg.get(key, default)
+    if v is ... or not (isinstance(v, kind) or v is None and default is None):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise ValueError(f"{file}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}")
+    return v
+
+
+def _args(file, **kw):
+    if kw["head_dim"] == kw["dim"] // kw["n_heads"]:
+        kw["head_dim"] = None  # the canonical form of a derived head_dim, as in PRESETS
+    try:
+        return ModelArgs(**kw)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _args_from_hf(cfg, file):
+    kind = cfg.get("model_type")
+    if kind not in ("llama", "mistral"):  # both are exactly this decoder; others (qwen2 biases, gemma...) are not
+        raise ValueError(f"{file}: model_type {kind!r} is not supported (expected 'llama' or 'mistral')")
+    rope_cfg = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
+        raise ValueError(f"{file}: RoPE scaling {rope_cfg!r} is not supported (plain RoPE only)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{file}: biases or a hidden_act other than silu are not supported")
+    n_heads = _get(cfg, "num_attention_heads", file)
+    return _args(file, dim=_get(cfg, "hidden_size", file), n_layers=_get(cfg, "num_hidden_layers", file),
+                 n_heads=n_heads, n_kv_heads=_get(cfg, "num_key_value_heads", file, default=n_heads),
+                 vocab_size=_get(cfg, "vocab_size", file), hidden_dim=_get(cfg, "intermediate_size", file),
+                 norm_eps=_get(cfg, "rms_norm_eps", file, (int, float), 1e-6),
+                 rope_theta=_get(cfg, "rope_theta", file, (int, float), rope_cfg.get("rope_theta", 10000.0)),
+                 max_seq_len=_get(cfg, "max_position_embeddings", file, default=32768),
+                 sliding_window=_get(cfg, "sliding_window", file, int, None) if kind == "mistral" else None,
+                 tie_embeddings=_get(cfg, "tie_word_embeddings", file, bool, False),
+                 head_dim=_get(cfg, "head_dim", file, int, None))
+
+
+def _args_from_params(p, file):
+    if "moe" in p or p.get("use_scaled_rope"):
+        raise ValueError(f"{file}: mixture-of-experts and scaled RoPE (Llama 3.1+) are not supported")
+    dim = _get(p, "dim", file)
+    hidden = _get(p, "hidden_dim", file, int, None)
+    if hidden is None:  # Meta's rule: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of
+        hidden = int(2 * 4 * dim / 3)
+        if p.get("ffn_dim_multiplier"):
+            hidden = int(p["ffn_dim_multiplier"] * hidden)
+        m = _get(p, "multiple_of", file, default=256)
+        hidden = m * -(-hidden // m)
+    n_heads = _get(p, "n_heads", file)
+    return _args(file, dim=dim, n_layers=_get(p, "n_layers", file), n_heads=n_heads,
+                 n_kv_heads=_get(p, "n_kv_heads", file, default=n_heads),
+                 vocab_size=_get(p, "vocab_size", file, default=-1), hidden_dim=hidden,
+                 norm_eps=_get(p, "norm_eps", file, (int, float), 1e-5),
+                 rope_theta=_get(p, "rope_theta", file, (int, float), 10000.0),
+                 max_seq_len=_get(p, "max_seq_len", file, default=32768),
+                 sliding_window=_get(p, "sliding_window", file, int, None),
+                 tie_embeddings=_get(p, "tied_embeddings", file, bool, False),
+                 head_dim=_get(p, "head_dim", file, int, None))
+
+
+def _read_hf(path):
+    """config.json + model.safetensors, or shards listed by model.safetensors.index.json."""
+    args = _args_from_hf(_read_json(path / "config.json"), path / "config.json")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object")
+        files = {}
+        for file in sorted(set(weight_map.values())):
+            if not (path / file).is_file():
+                raise ValueError(f"{index}: lists shard {file!r}, which does not exist")
+            files[file] = read_safetensors(path / file)
+        for name, file in weight_map.items():
+            if name not in files[file]:
+                raise ValueError(f"{index}: says tensor {name!r} is in {file}, which has no such tensor")
+    elif (path / "model.safetensors").is_file():
+        files = {"model.safetensors": read_safetensors(path / "model.safetensors")}
+    else:
+        raise ValueError(f"{path}: has config.json but neither model.safetensors nor model.safetensors.index.json")
+    found = {}
+    for file, tensors in files.items():
+        for name, t in tensors.items():
+            if name in found:
+                raise ValueError(f"{path / file}: tensor {name!r} is also in {found[name][1]}")
+            found[name] = (t, path / file)
+    return args, found
+
+
+def _read_original(path):
+    """params.json + consolidated.safetensors or consolidated.00.pth (one model-parallel shard only)."""
+    args = _args_from_params(_read_json(path / "params.json"), path / "params.json")
+    pth = sorted(path.glob("consolidated*.pth"))
+    if (path / "consolidated.safetensors").is_file():
+        file = path / "consolidated.safetensors"
+        tensors = read_safetensors(file)
+    elif len(pth) == 1:
+        file = pth[0]
+        try:
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
+            raise ValueError(f"{file}: not a loadable weights-only torch checkpoint ({e})") from None
+    else:
+        raise ValueError(f"{path}: expected consolidated.safetensors or exactly one consolidated*.pth "
+                         f"(model-parallel shards are not supported), found {[p.name for p in pth]}")
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{file}: expected a dict of tensor name -> tensor")
+    tensors.pop("rope.freqs", None)  # Llama 2 stored its RoPE table; we compute it
+    if args.vocab_size <= 0 and "tok_embeddings.weight" in tensors:  # Llama 2's params.json says -1
+        args = replace(args, vocab_size=tensors["tok_embeddings.weight"].shape[0])
+    return args, {name: (t, file) for name, t in tensors.items()}
+
+
+def load(path, *, device="cpu", dtype=None):
+    """A checkpoint directory, HF layout (config.json) or original layout (params.json) -> Transformer.
+    Built on the meta device, then the (mmap'd) tensors are assigned: one copy in memory, none if they
+    already have the requested device and dtype (default: the embedding's dtype in the file)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        (args, found), hf = _read_hf(path), True
+    elif (path / "params.json").is_file():
+        (args, found), hf = _read_original(path), False
+    else:
+        raise ValueError(f"{path}: not a checkpoint directory (no config.json for the Hugging Face layout, "
+                         f"no params.json for the original layout)")
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {n: p.shape for n, p in model.state_dict().items() if not (args.tie_embeddings and n == "output.weight")}
+    ours = {(_hf_name(n) if hf else n): n for n in shapes}
+    state = {}
+    for key, (t, file) in found.items():
+        if key not in ours:
+            raise ValueError(f"{file}: unexpected tensor {key!r}: not part of the model its config describes")
+        n = ours[key]
+        if t.shape != shapes[n] or not t.is_floating_point():
+            raise ValueError(f"{file}: tensor {key!r} is {t.dtype} {list(t.shape)}, the config needs a floating "
+                             f"point tensor of shape {list(shapes[n])}")
+        if hf and n.endswith(("wq.weight", "wk.weight")):
+            t = _rope_permute(t, args.n_heads if "wq" in n else args.n_kv_heads, to_hf=False)
+        state[n] = t
+    missing = [key for key, n in ours.items() if n not in state]
+    if missing:
+        raise ValueError(f"{path}: missing {len(missing)} tensor(s) the config needs: {missing[:4]}")
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+    state = {n: t.to(device=device, dtype=dtype) for n, t in state.items()}
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:  # assign=True gave the head its own Parameter object: share it again
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
+    """Hugging Face layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards and
+    model.safetensors.index.json), loadable by transformers' MistralForCausalLM / LlamaForCausalLM and by
+    load(). `config` adds keys to config.json (e.g. the tokenizer spec). LoRA must be merged away first."""
+    a, path = model.args, Path(path)
+    with torch.device("meta"):
+        names = list(Transformer(a).state_dict())
+    state = model.state_dict()
+    if set(state) != set(names):
+        raise ValueError(f"save_hf: the model's parameters differ from the plain architecture (extra "
+                         f"{sorted(set(state) - set(names))[:3]}, missing {sorted(set(names) - set(state))[:3]}): "
+                         f"merge LoRA adapters into the base weights and remove them first")
+    tensors = {}
+    for n in names:
+        if a.tie_embeddings and n == "output.weight":
+            continue  # a tied head is stored once, as the embedding, as HF does
+        t = state[n]
+        if n.endswith(("wq.weight", "wk.weight")):
+            t = _rope_permute(t, a.n_heads if "wq" in n else a.n_kv_heads, to_hf=True)
+        tensors[_hf_name(n)] = t
+    shards, size = [[]], 0  # greedy: a new shard when the next tensor would overflow this one
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += nbytes
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("model*.safetensors*"):  # a stale index or shard from an earlier save would be read
+        old.unlink()
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for file, shard in zip(files, shards):
+        write_safetensors(path / file, {name: tensors[name] for name in shard}, {"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    # Without a window the two HF classes are the same network; Mistral's is the one that has the window.
+    arch = "Mistral" if a.sliding_window is not None else "Llama"
+    cfg = {"architectures": [f"{arch}ForCausalLM"], "model_type": arch.lower(), "hidden_size": a.dim,
+           "intermediate_size": a.hidden_dim, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+           "num_hidden_layers": a.n_layers, "head_dim": model.layers[0].attention.head_dim,
+           "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "vocab_size": a.vocab_size,
+           "tie_word_embeddings": a.tie_embeddings, "sliding_window": a.sliding_window,
+           "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+           "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), **(config or {})}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))

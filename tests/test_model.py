@@ -1,0 +1,265 @@
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import model
+from model import PRESETS, ModelArgs, Transformer, generate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "model"  # written by tests/make_model_fixtures.py (transformers)
+
+
+def tiny(seed=0, **changes):
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(PRESETS["tiny"], **changes)).eval()
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+@pytest.mark.parametrize("case", ["mistral", "llama"])
+def test_logits_match_transformers_within_1e_4(case, layout):
+    # mistral: GQA 4:2, untied head, sliding window 4 < 12 tokens, sharded safetensors / .pth;
+    # llama: MQA, head_dim != dim / n_heads, theta 5e5, tied head, single safetensors
+    expected = torch.load(FIXTURES / case / "expected.pt", weights_only=True)
+    m = model.load(FIXTURES / case / layout)
+    with torch.no_grad():
+        logits = m(expected["tokens"])
+    assert (logits - expected["logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["mistral", "llama"])
+def test_original_and_hf_layouts_load_identical_weights(case):
+    hf, orig = model.load(FIXTURES / case / "hf"), model.load(FIXTURES / case / "original")
+    assert hf.args == dataclasses.replace(orig.args, max_seq_len=hf.args.max_seq_len)  # params.json lacks it
+    for (name, a), (_, b) in zip(hf.state_dict().items(), orig.state_dict().items()):
+        assert torch.equal(a, b), name
+    tokens = torch.load(FIXTURES / case / "expected.pt", weights_only=True)["tokens"]
+    with torch.no_grad():
+        assert torch.equal(hf(tokens), orig(tokens))
+
+
+def test_live_transformers_parity_both_directions(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
+                                     rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.3)
+    ref.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 80, (2, 16))
+    ours = model.load(tmp_path / "hf")
+    model.save_hf(ours, tmp_path / "ours", max_shard_bytes=50_000)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        assert (ours(tokens) - expected).abs().max() < 1e-4
+        assert (back(tokens).logits - expected).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("changes", [dict(sliding_window=8), dict(tie_embeddings=True, head_dim=32)])
+def test_save_hf_then_load_round_trips_exactly(tmp_path, changes):
+    m = tiny(**changes)
+    model.save_hf(m, tmp_path, max_shard_bytes=100_000, config={"nca_tokenizer": "byte"})
+    assert (tmp_path / "model.safetensors.index.json").exists()  # sharded: the index path is exercised
+    assert json.loads((tmp_path / "config.json").read_text())["nca_tokenizer"] == "byte"
+    back = model.load(tmp_path)
+    assert back.args == m.args
+    assert back.state_dict().keys() == m.state_dict().keys()
+    for name, t in m.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert (back.output.weight is back.tok_embeddings.weight) == m.args.tie_embeddings
+
+
+def test_load_casts_to_the_requested_dtype():
+    m = model.load(FIXTURES / "llama" / "hf", dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
+
+
+def n_params_by_hand(a: ModelArgs):
+    hd = a.head_dim or a.dim // a.n_heads
+    attn = a.dim * hd * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wo: H heads; wk, wv: KV heads
+    block = attn + 3 * a.dim * a.hidden_dim + 2 * a.dim  # + SwiGLU w1 w2 w3 + two RMSNorm weights
+    return a.n_layers * block + a.dim + a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+
+
+@pytest.mark.parametrize("name, count", [("mistral-7b", 7_241_732_096), ("mistral-7b-v0.1", 7_241_732_096),
+                                         ("mistral-7b-v0.3", 7_248_023_552), ("llama-3-8b", 8_030_261_248)])
+def test_presets_on_meta_have_the_real_models_parameter_counts(name, count):
+    with torch.device("meta"):
+        m = Transformer(PRESETS[name])
+    assert sum(p.numel() for p in m.parameters()) == n_params_by_hand(PRESETS[name]) == count
+
+
+# ----------------------------------------------------------------------------- forward
+
+def test_hidden_is_causal_so_right_padding_cannot_change_earlier_positions():
+    m, x = tiny(), torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(m.hidden(x)[:, :7], m.hidden(x[:, :7]), rtol=0, atol=1e-5)
+
+
+def test_sliding_window_changes_only_positions_beyond_the_window():
+    windowed, full, x = tiny(sliding_window=4), tiny(), torch.randint(0, 512, (1, 10))
+    with torch.no_grad():
+        a, b = windowed(x), full(x)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-5)
+    assert (a[:, 4:] - b[:, 4:]).abs().amax(-1).min() > 1e-3
+
+
+def test_activation_checkpointing_gives_identical_loss_and_gradients():
+    x = torch.randint(0, 512, (2, 10))
+    grads = []
+    for flag in (False, True):
+        m = tiny().train()
+        m.checkpoint_activations = flag
+        m(x).logsumexp(-1).mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def greedy_by_full_recompute(m, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            seq.append(m(torch.tensor([seq]))[0, -1].argmax().item())
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_greedy_kv_cache_generation_equals_full_recompute_on_a_ragged_batch(window):
+    m = tiny(seed=1, sliding_window=window)
+    with torch.no_grad():  # sharper logits, so no argmax is a near-tie that float noise could flip
+        m.output.weight.mul_(20)
+    prompts = [[5, 9, 3, 7, 1, 2, 8], [4], [11, 12, 13]]
+    out = generate(m, prompts, max_new_tokens=8)
+    assert out == [greedy_by_full_recompute(m, p, 8) for p in prompts]
+
+
+def test_generation_stops_each_row_at_its_own_eos():
+    m = tiny(seed=1)
+    prompts = [[5, 9, 3], [4, 6]]
+    free = generate(m, prompts, max_new_tokens=6)
+    eos = free[0][2]  # row 0 produces it at step 3; row 1 may or may not
+    out = generate(m, prompts, max_new_tokens=6, eos_id=[eos, 10_000])
+    for row, full in zip(out, free):
+        stop = full.index(eos) + 1 if eos in full else len(full)
+        assert row == full[:stop]
+    assert out[0][-1] == eos and len(out[0]) <= 3
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    draws = model.sample(logits, temperature=1.0, top_p=0.7, generator=g)
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert counts[2:].sum() == 0  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2, 3 are cut
+    assert abs(counts[0] - 0.5 / 0.8) < 0.03
+    assert torch.equal(model.sample(logits[:2], temperature=1.0, top_p=1e-6, generator=g), torch.zeros(2).long())
+
+
+def test_sampled_generation_is_reproducible_with_a_generator():
+    m = tiny()
+    runs = [generate(m, [[1, 2], [3]], max_new_tokens=5, temperature=1.0, top_p=0.9,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(r) == 5 for r in runs[0])
+
+
+# ----------------------------------------------------------------------------- corrupt files
+
+def st(header, data=b"", n=None):
+    """The bytes of a safetensors file: header length (n, or the true one), JSON header, data."""
+    blob = json.dumps(header).encode() if isinstance(header, dict) else header
+    return (len(blob) if n is None else n).to_bytes(8, "little") + blob + data
+
+
+F32x6 = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"\x05\0\0", "truncated"),  # shorter than the 8-byte header length itself
+    (st(F32x6, b"\0" * 10), r"tensor 'a': data_offsets \[0, 24\] out of range: the data section has 10 bytes"),
+    (st(F32x6, b"\0" * 24, n=10_000), "header length 10000 runs past the end"),
+    (st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12), "'a' .* and 'b' .* overlap"),
+    (st({"a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': unknown dtype 'F7'"),
+    (st({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': .* needs 16 bytes"),
+    (st({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': expected {dtype"),
+    (st(b"{not json"), "not valid JSON"),
+])
+def test_corrupt_safetensors_give_a_clear_error_naming_file_and_tensor(tmp_path, raw, message):
+    (tmp_path / "x.safetensors").write_bytes(raw)
+    with pytest.raises(ValueError, match=message) as e:
+        model.read_safetensors(tmp_path / "x.safetensors")
+    assert str(tmp_path / "x.safetensors") in str(e.value)
+
+
+def test_valid_safetensors_read_back_exactly(tmp_path):
+    tensors = {"w": torch.randn(3, 5), "h": torch.randn(7).bfloat16(), "i": torch.arange(3), "s": torch.tensor(2.0)}
+    model.write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = model.read_safetensors(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], t) and back[k].dtype == t.dtype for k, t in tensors.items())
+
+
+def edit_checkpoint(tmp_path, edit):
+    d = shutil.copytree(FIXTURES / "llama" / "hf", tmp_path / "ckpt")
+    tensors = {k: v.clone() for k, v in model.read_safetensors(d / "model.safetensors").items()}
+    edit(tensors)
+    model.write_safetensors(d / "model.safetensors", tensors)
+    return d
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing 1 tensor.*model.layers.1.mlp.up_proj.weight"),
+    (lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(64, 32)}),
+     r"model.safetensors: unexpected tensor 'model.layers.2.mlp.up_proj.weight'"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(31)}),
+     r"model.safetensors: tensor 'model.norm.weight' is torch.float32 \[31\], the config needs .* \[32\]"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.int32)}), "needs a floating point"),
+])
+def test_checkpoint_that_disagrees_with_its_config_is_refused_by_name(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        model.load(edit_checkpoint(tmp_path, edit))
+
+
+def test_bad_config_and_index_give_clear_errors(tmp_path):
+    d = shutil.copytree(FIXTURES / "mistral" / "hf", tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": "2"}))
+    with pytest.raises(ValueError, match=r"config.json: field 'num_hidden_layers' must be int, got '2'"):
+        model.load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"index.json: lists shard 'model-00002-of-00003.safetensors'"):
+        model.load(d)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        model.load(tmp_path)
+
+
+def test_truncated_real_shard_names_the_tensor_that_runs_past_the_end(tmp_path):
+    d = shutil.copytree(FIXTURES / "llama" / "hf", tmp_path / "ckpt")
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*': data_offsets .* out of range.*truncated"):
+        model.load(d)
+
+
+def test_meta_params_json_of_llama_3_8b_gives_the_preset():
+    # Meta's released params.json: the FFN width comes from multiple_of and ffn_dim_multiplier
+    params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+              "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0}
+    args = model._args_from_params(params, "params.json")
+    assert args.hidden_dim == 14336
+    assert args == dataclasses.replace(PRESETS["llama-3-8b"], max_seq_len=args.max_seq_len)
