@@ -1,0 +1,539 @@
+"""Data: reward and preference datasets, tokenisers, chat templates and [B, K] batches.
+
+Read top to bottom:
+1. `Example` and `load_examples`: four JSON Lines formats -> one internal form (prompt, K responses,
+   K rewards), validated with errors that name file, line and field. `to_pairs` turns reward data
+   into the paper's DPO baselines (METHOD.md, "Baselines").
+2. `Tokenizer` and `load_tokenizer`: every tokeniser is a tiktoken `Encoding` built offline from the
+   file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2) or from nothing
+   (bytes, the default for tiny models).
+3. `TEMPLATES` and `render`: chat templates that give the prompt text and the end-of-turn marker.
+4. `collate` and `batches`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K], in a deterministic,
+   resumable order.
+"""
+import base64
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    prompt: str | list[dict]  # a string, or chat messages [{"role": ..., "content": ...}]
+    responses: list[str]  # K responses (K = 1 for SFT data)
+    rewards: list[float]  # K rewards r_i; preference data: [1.0, 0.0] for [chosen, rejected]
+
+
+# format: the keys that identify it, in the order they are tried
+FORMATS = {
+    "reward": ("prompt", "responses", "rewards"),
+    "ultrafeedback": ("instruction", "completions"),
+    "preference": ("chosen", "rejected"),  # TRL's form; "prompt" is implicit when chosen is a chat
+    "sft": ("prompt", "response"),
+}
+
+
+def load_examples(path, format=None) -> list[Example]:
+    """Read a JSON Lines file of one format (detected from the first record's keys unless given)."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown data format {format!r}; expected one of {sorted(FORMATS)}")
+    examples = []
+    for lineno, obj in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if format is None:
+            format = next((f for f, keys in FORMATS.items() if all(k in obj for k in keys)), None)
+            if format is None:
+                raise ValueError(f"{where}: cannot tell the format from keys {sorted(obj)}; expected "
+                                 + "; ".join(f"{f}: {', '.join(keys)}" for f, keys in FORMATS.items()))
+        for key in FORMATS[format]:
+            if key not in obj:
+                raise ValueError(f"{where}: missing key {key!r} ({format} format needs {', '.join(FORMATS[format])})")
+        examples.append(_PARSERS[format](obj, where))
+    if not examples:
+        raise ValueError(f"{path}: no examples (empty file)")
+    return examples
+
+
+def _read_jsonl(path):
+    with open(path, "rb") as f:  # bytes, so a bad encoding is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                                 f"{e.start + 1}); data files must be UTF-8 JSON Lines") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _prompt(value, where, key="prompt"):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"{where}: field {key!r}: expected a string or a non-empty list of "
+                     f"{{\"role\": str, \"content\": str}} messages")
+
+
+def _response(value, where, key):
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {key!r}: empty response")
+    return value
+
+
+def _reward(value, where, key):
+    # bool is an int in Python, but `true` is not a score
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: field {key!r}: expected a number, got {json.dumps(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: field {key!r}: expected a finite number, got {value}")
+    return float(value)
+
+
+def _parse_reward(obj, where):
+    responses, rewards = obj["responses"], obj["rewards"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise ValueError(f"{where}: field 'responses': expected a list of K >= 2 responses")
+    if not isinstance(rewards, list) or len(rewards) != len(responses):
+        n = len(rewards) if isinstance(rewards, list) else type(rewards).__name__
+        raise ValueError(f"{where}: field 'rewards': expected a list of {len(responses)} numbers "
+                         f"(one per response), got {n}")
+    return Example(_prompt(obj["prompt"], where),
+                   [_response(y, where, f"responses[{i}]") for i, y in enumerate(responses)],
+                   [_reward(r, where, f"rewards[{i}]") for i, r in enumerate(rewards)])
+
+
+def _parse_ultrafeedback(obj, where):
+    completions = obj["completions"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise ValueError(f"{where}: field 'completions': expected a list of K >= 2 completions")
+    responses, rewards = [], []
+    for i, c in enumerate(completions):
+        for key in ("response", "overall_score"):
+            if not isinstance(c, dict) or key not in c:
+                raise ValueError(f"{where}: field 'completions[{i}]': missing key {key!r}")
+        responses.append(_response(c["response"], where, f"completions[{i}].response"))
+        rewards.append(_reward(c["overall_score"], where, f"completions[{i}].overall_score"))
+    return Example(_prompt(obj["instruction"], where, "instruction"), responses, rewards)
+
+
+def _parse_preference(obj, where):
+    prompt = _prompt(obj["prompt"], where) if "prompt" in obj else None
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            raise ValueError(f"{where}: missing key 'prompt' (needed when chosen/rejected are strings)")
+        return Example(prompt, [_response(chosen, where, "chosen"), _response(rejected, where, "rejected")], [1.0, 0.0])
+    # conversational: the last message is the answer; the messages before it (if any) extend the prompt
+    chosen, rejected = _prompt(chosen, where, "chosen"), _prompt(rejected, where, "rejected")
+    for key, chat in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(chat, str) or chat[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: field {key!r}: expected a chat ending with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError(f"{where}: fields 'chosen'/'rejected': the messages before the answers differ")
+    if prompt is None and not chosen[:-1]:
+        raise ValueError(f"{where}: missing key 'prompt' (chosen holds no messages before the answer)")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    prompt = (prompt or []) + chosen[:-1]
+    return Example(prompt, [_response(chosen[-1]["content"], where, "chosen"),
+                            _response(rejected[-1]["content"], where, "rejected")], [1.0, 0.0])
+
+
+def _parse_sft(obj, where):
+    return Example(_prompt(obj["prompt"], where), [_response(obj["response"], where, "response")], [0.0])
+
+
+_PARSERS = {"reward": _parse_reward, "ultrafeedback": _parse_ultrafeedback,
+            "preference": _parse_preference, "sft": _parse_sft}
+
+
+def to_pairs(examples, mode, seed=0) -> list[Example]:
+    """Reward data -> pairs [chosen, rejected], the paper's DPO baselines (METHOD.md):
+    "dpo" best vs one random other (Zephyr), "dpo_x3" best vs each other, "dpo_all" all C(K, 2) pairs.
+    Pairs with equal rewards carry no preference: they are dropped, and counted in a log line."""
+    if mode not in ("dpo", "dpo_x3", "dpo_all"):
+        raise ValueError(f"unknown pair mode {mode!r}; expected 'dpo', 'dpo_x3' or 'dpo_all'")
+    rng = np.random.default_rng(seed)
+    pairs, ties, no_pair = [], 0, 0
+    for n, ex in enumerate(examples):
+        r, K = ex.rewards, len(ex.responses)
+        if K < 2:
+            raise ValueError(f"to_pairs: example {n} has K = {K} responses; pairs need K >= 2")
+        best = max(range(K), key=lambda i: r[i])  # first of the best
+        if mode == "dpo_all":
+            candidates = [(i, j) for i in range(K) for j in range(i + 1, K)]
+        else:
+            candidates = [(best, j) for j in range(K) if j != best]
+        kept = [(i, j) if r[i] > r[j] else (j, i) for i, j in candidates if r[i] != r[j]]
+        ties += len(candidates) - len(kept)
+        if mode == "dpo" and kept:
+            kept = [kept[rng.integers(len(kept))]]
+        no_pair += not kept
+        pairs += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], [r[i], r[j]]) for i, j in kept]
+    print(f"to_pairs({mode}): {len(examples)} examples -> {len(pairs)} pairs; dropped {ties} tied pairs"
+          f" ({no_pair} examples gave no pair)")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- tokenisers
+
+
+@dataclass
+class Tokenizer:
+    enc: tiktoken.Encoding
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int  # padding sits after the causal sequence and is masked out, so any valid id will do
+    vocab_size: int  # model ids are 0 .. vocab_size - 1
+    decoder: list[bytes]  # model id -> bytes (special tokens -> their name)
+    special_ids: dict[str, int] = field(default_factory=dict)  # markers matched by encode(..., special=True)
+    # SentencePiece only: tiktoken rank -> model ids, and the "▁" prefix SentencePiece adds to every text
+    sp_ids: list[tuple] | None = None
+    dummy_prefix: bool = False
+
+    @property
+    def n_vocab(self):  # tiktoken's name for vocab_size
+        return self.vocab_size
+
+    def encode(self, text: str, special=False) -> list[int]:
+        """Text -> model ids. Special-token names in `text` stay plain text unless `special`
+        (used for template markers); each segment between them is encoded on its own, as
+        SentencePiece, mistral-common and HF's legacy Llama tokeniser do."""
+        if special and self.special_ids:
+            parts = re.split("(" + "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True))) + ")", text)
+            return [i for n, part in enumerate(parts) for i in ([self.special_ids[part]] if n % 2 else self.encode(part))]
+        if self.sp_ids is None:
+            return self.enc.encode(text, disallowed_special=())
+        if not text:
+            return []
+        text = ("▁" if self.dummy_prefix else "") + text.replace(" ", "▁")
+        return [i for rank in self.enc.encode(text, allowed_special="all") for i in self.sp_ids[rank]]
+
+    def decode(self, ids) -> str:
+        text = b"".join(self.decoder[i] for i in ids).decode("utf-8", errors="replace")
+        return text[1:] if self.dummy_prefix and text.startswith(" ") else text
+
+
+def load_tokenizer(spec="byte") -> Tokenizer:
+    """"byte", or a tokenizer file / the checkpoint directory holding it: tekken.json,
+    tokenizer.model (Llama 3's tiktoken text or Mistral's SentencePiece protobuf, told apart by
+    content) or gpt2.tiktoken."""
+    if spec == "byte":
+        return _byte_tokenizer()
+    path = Path(spec)
+    if path.is_dir():
+        found = [path / n for n in ("tekken.json", "tokenizer.model", "gpt2.tiktoken") if (path / n).exists()]
+        if not found:
+            raise ValueError(f"tokenizer {spec}: directory has no tekken.json, tokenizer.model or gpt2.tiktoken")
+        path = found[0]
+    if not path.is_file():
+        raise ValueError(f"tokenizer {spec!r}: no such file; expected 'byte', a tokenizer file or a checkpoint directory")
+    if path.suffix == ".json":
+        return _tekken(path)
+    data = path.read_bytes()
+    if data[:1] == b"\n":  # protobuf field 1 (ModelProto.pieces), length-delimited: a SentencePiece model
+        return _sentencepiece(path, data)
+    ranks = _tiktoken_ranks(path, data)
+    return _gpt2(ranks) if path.suffix == ".tiktoken" else _llama3(ranks)
+
+
+def _tokenizer(name, pat_str, ranks, specials, bos, eos, pad, enc_specials=None):
+    """A tiktoken-native tokeniser: model id = tiktoken rank."""
+    vocab_size = max([*ranks.values(), *specials.values()]) + 1
+    decoder = [b""] * vocab_size
+    for b, r in ranks.items():
+        decoder[r] = b
+    for s, r in specials.items():
+        decoder[r] = s.encode()
+    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials if enc_specials is None else enc_specials)
+    return Tokenizer(enc, specials.get(bos), specials.get(eos), specials[pad], vocab_size, decoder, specials)
+
+
+def _byte_tokenizer():
+    # 256 byte tokens + 3 specials: no file, no merges; the default for tiny models
+    specials = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
+    return _tokenizer("byte", r"\S+|\s+", {bytes([b]): b for b in range(256)}, specials, "<|bos|>", "<|eos|>", "<|pad|>")
+
+
+def _tiktoken_ranks(path, data):
+    """tiktoken's text format: one `base64(token) rank` per line."""
+    ranks = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # also binascii.Error
+            raise ValueError(f"{path}:{lineno}: expected 'base64-token rank' (a tiktoken BPE file) "
+                             f"or a SentencePiece protobuf model") from None
+    return ranks
+
+
+# Llama 3 (meta-llama/llama3, llama/tokenizer.py): cl100k-like split, 256 special tokens after the BPE ranks
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+                   "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
+                   *(f"<|reserved_special_token_{i}|>" for i in range(5, 251))]
+
+
+def _llama3(ranks):
+    specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}  # 128000 .. 128255 for the real file
+    return _tokenizer("llama3", LLAMA3_PATTERN, ranks, specials, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>")
+
+
+# GPT-2 = tiktoken's r50k_base (tiktoken_ext/openai_public.py); <|endoftext|> also serves as BOS
+R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def _gpt2(ranks):
+    specials = {"<|endoftext|>": len(ranks)}  # 50256
+    return _tokenizer("gpt2", R50K_PATTERN, ranks, specials, "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
+
+
+# Tekken files older than v7 carry no special-token list; mistral-common fills in this one
+TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+
+
+def _tekken(path):
+    """Mistral's tekken.json: {config: {pattern, default_vocab_size, default_num_special_tokens},
+    vocab: [{rank, token_bytes (base64)}], special_tokens: [{rank, token_str}] (optional)}.
+    Model id = n_special + BPE rank, the BPE vocabulary cut to default_vocab_size - n_special."""
+    try:
+        model = json.loads(Path(path).read_text(encoding="utf-8"))
+        config = model["config"]
+        n_special = config["default_num_special_tokens"]
+        inner = config["default_vocab_size"] - n_special
+        ranks = {base64.b64decode(t["token_bytes"]): n_special + t["rank"] for t in model["vocab"][:inner]}
+        names = [t["token_str"] for t in sorted(model.get("special_tokens") or [], key=lambda t: t["rank"])]
+        pattern = config["pattern"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a tekken.json ({type(e).__name__}: {e})") from None
+    names = names or TEKKEN_SPECIALS
+    specials = {s: i for i, s in enumerate(names + [f"<SPECIAL_{i}>" for i in range(len(names), n_special)])}
+    return _tokenizer("tekken", pattern, ranks, specials, "<s>", "</s>", "<pad>", enc_specials={})
+
+
+# ----- Mistral 7B's SentencePiece BPE, as a tiktoken Encoding
+#
+# SentencePiece BPE starts from the characters of "▁" + text.replace(" ", "▁") and repeatedly merges
+# the adjacent pair whose concatenation is a piece of highest score (ties: leftmost); a final symbol
+# that is not a piece becomes its UTF-8 bytes, <0xXX> ("byte fallback"). tiktoken merges the adjacent
+# pair whose concatenation has the lowest rank (ties: leftmost) -- the same algorithm, on bytes. So:
+# - ranks 0..255 are the bytes; next come the pieces that are single characters, and the UTF-8
+#   prefixes needed to build them, so every character is formed before any real merge;
+# - then the longer pieces by score, highest first. Whitespace-only pieces all share one score, where
+#   SentencePiece's leftmost rule grows the first run of "▁" first: ranking them longest first does that;
+# - no piece holds a "▁" after another character, so the split pattern cuts before each "▁" run that
+#   follows a word: runs of "▁" stay attached to the word after them, and no merge crosses a cut;
+# - tiktoken ranks -> SentencePiece ids by a table: a char piece -> its id, bytes of a character that is
+#   not a piece -> the <0xXX> ids, and a piece that BPE cannot build from its own characters -> the
+#   pieces BPE really gives (tiktoken returns a chunk that is a whole token without running BPE; no
+#   Mistral piece needs this, but a vocabulary may hold such pieces).
+SP_PATTERN = r"▁*[^▁]+|▁+"
+SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
+
+
+def _protobuf(buf):
+    """Yield (field number, value) of one protobuf message: ints for varints, bytes otherwise."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def _varint(buf, i):
+    x = shift = 0
+    while True:
+        b = buf[i]
+        x |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return x, i
+
+
+def _sentencepiece(path, data):
+    # ModelProto: pieces = 1 {piece = 1, score = 2 (float), type = 3}, trainer_spec = 2, normalizer_spec = 3
+    pieces, trainer, normalizer = [], {}, {}
+    try:
+        for num, value in _protobuf(data):
+            if num == 1:
+                p = dict(_protobuf(value))
+                pieces.append((p[1].decode(), struct.unpack("<f", p.get(2, b"\0\0\0\0"))[0], p.get(3, SP_NORMAL)))
+            elif num in (2, 3):
+                (trainer if num == 2 else normalizer).update(_protobuf(value))
+    except (IndexError, KeyError, ValueError, struct.error) as e:
+        raise ValueError(f"{path}: not a SentencePiece model nor a tiktoken BPE file ({e})") from None
+    # TrainerSpec: model_type = 3 (BPE = 2), byte_fallback = 35; NormalizerSpec: name = 1,
+    # add_dummy_prefix = 3 (default on), remove_extra_whitespaces = 4 (default on), escape_whitespaces = 5
+    if trainer.get(3, 1) != 2 or not trainer.get(35) or normalizer.get(1, b"") != b"identity" \
+            or normalizer.get(4, 1) or not normalizer.get(5, 1) or any(t == SP_UNUSED for _, _, t in pieces):
+        raise ValueError(f"{path}: only SentencePiece BPE models with byte fallback, identity normalisation, "
+                         "no whitespace removal and no unused pieces (Llama 2 / Mistral 7B style) are supported")
+    ids = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SP_NORMAL, SP_USER_DEFINED)}
+    score = {p: s for p, s, t in pieces if t == SP_NORMAL}
+    byte_id = {int(p[3:5], 16): i for i, (p, _, t) in enumerate(pieces) if t == SP_BYTE}
+
+    ranks = {bytes([b]): b for b in range(256)}
+    sp_ids = [(ids[chr(b)],) if b < 128 and chr(b) in score else (byte_id[b],) for b in range(256)]
+    for c in sorted(p for p in score if len(p) == 1):
+        b = c.encode()
+        for k in range(2, len(b) + 1):
+            if b[:k] not in ranks:
+                ranks[b[:k]] = len(ranks)
+                sp_ids.append((ids[c],) if k == len(b) else tuple(byte_id[x] for x in b[:k]))
+    words = sorted((p.encode() for p in score if len(p) > 1), key=lambda b: (-score[b.decode()], -len(b)))
+    for b in words:
+        ranks[b] = len(ranks)
+        sp_ids.append((ids[b.decode()],))
+    # user-defined pieces (e.g. v3's [REFERENCE_DOC_0]) are matched whole in the text by SentencePiece
+    user = {p: len(ranks) + n for n, (p, _, t) in enumerate(q for q in pieces if q[2] == SP_USER_DEFINED)}
+    sp_ids += [(ids[p],) for p in user]
+    enc = tiktoken.Encoding(name=Path(path).name, pat_str=SP_PATTERN, mergeable_ranks=ranks, special_tokens=user)
+    # BPE each piece alone: followed by a private-use character it is no whole token, so tiktoken runs
+    # BPE on it; the character's own tokens (`tail`) never merge with it and are cut off again
+    tail = enc.encode("\ue000")
+    for b in words:
+        built = enc.encode(b.decode() + "\ue000", disallowed_special=())[:-len(tail)]
+        if built != [ranks[b]]:
+            sp_ids[ranks[b]] = tuple(i for r in built for i in sp_ids[r])
+
+    special_ids = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SP_CONTROL, SP_UNKNOWN)}
+    decoder = [bytes([int(p[3:5], 16)]) if t == SP_BYTE else (p.replace("▁", " ").encode() if t in (SP_NORMAL, SP_USER_DEFINED) else p.encode())
+               for p, _, t in pieces]
+    return Tokenizer(enc, special_ids.get("<s>"), special_ids.get("</s>"), special_ids.get("</s>", 0), len(pieces),
+                     decoder, special_ids, sp_ids=sp_ids, dummy_prefix=bool(normalizer.get(3, 1)))
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+# name: (one message, the text that opens the assistant's turn, the end-of-turn marker that is scored)
+TEMPLATES = {
+    "none": ("{content}", "", None),  # plain text; the response ends with the tokeniser's EOS
+    "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+               "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # Mistral 7B v0.1; assistant turns are "{content}</s>"
+    "zephyr": ("<|{role}|>\n{content}</s>\n", "<|assistant|>\n", "</s>"),
+    "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
+}
+
+
+def end_of_turn(tok, template) -> list[int]:
+    """The ids that close a response under `template`: scored in training, the stop tokens when sampling."""
+    eot = render(template, "")[1]
+    return tok.encode(eot, special=True) if eot else [tok.eos_id]
+
+
+def render(template, prompt) -> tuple[str, str | None]:
+    """(prompt text up to where the response starts, end-of-turn marker or None for the tokeniser's EOS).
+    BOS is not in the text: collate adds the tokeniser's BOS."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
+    turn, opening, eot = TEMPLATES[template]
+    if isinstance(prompt, str):
+        if template == "none":
+            return prompt, eot
+        prompt = [{"role": "user", "content": prompt}]
+    if template == "none":
+        return "\n\n".join(m["content"] for m in prompt), eot
+    text, system = "", ""
+    for m in prompt:
+        if template == "mistral" and m["role"] == "system":  # [INST] has no system turn: prepend to the next user turn
+            system += m["content"] + "\n\n"
+        elif template == "mistral" and m["role"] == "assistant":
+            text += m["content"] + eot
+        else:
+            text += turn.format(role=m["role"], content=system + m["content"])
+            system = ""
+    return text + opening, eot
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(examples, tok, *, template="none", max_length=1024, max_prompt_length=512) -> dict:
+    """B examples of K responses -> tokens [B*K, T] (row b*K + k = prompt b + response k, right padded
+    to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
+    turn), rewards [B, K], and how many prompts / responses were truncated.
+
+    Prompt and response are tokenised separately and concatenated: tokenising the joined text would
+    let BPE merge across the boundary and blur which tokens belong to the response. A long prompt
+    keeps its BOS and its end (the question sits next to the answer); a long response keeps its start."""
+    if not examples:
+        raise ValueError("collate: empty batch")
+    K = len(examples[0].responses)
+    if any(len(ex.responses) != K for ex in examples):
+        raise ValueError(f"collate: every example of a batch needs the same K, got {sorted({len(ex.responses) for ex in examples})}"
+                         " (batches() groups examples by K)")
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    end = end_of_turn(tok, template)
+    rows, n_prompt, n_response = [], 0, 0
+    for ex in examples:
+        p = tok.encode(render(template, ex.prompt)[0], special=template != "none")
+        if len(bos) + len(p) > max_prompt_length:
+            n_prompt += 1
+            p = p[len(p) - (max_prompt_length - len(bos)):]
+        p = bos + p
+        if not p:
+            raise ValueError("collate: empty prompt and no BOS token: the first response token could not be scored")
+        for y in ex.responses:
+            r = tok.encode(y) + end
+            if len(p) + len(r) > max_length:
+                n_response += 1
+                r = r[:max_length - len(p)]
+            rows.append((p, r))
+    T = max(len(p) + len(r) for p, r in rows)
+    tokens = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # [B*K, T]
+    loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)  # [B*K, T]
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
+        loss_mask[i, len(p):len(p) + len(r)] = True
+    rewards = torch.tensor([ex.rewards for ex in examples], dtype=torch.float32)  # [B, K]
+    return {"tokens": tokens, "loss_mask": loss_mask, "rewards": rewards,
+            "prompts_truncated": n_prompt, "responses_truncated": n_response}
+
+
+def batches(examples, batch_size, *, seed=0, epoch=0) -> list[list[int]]:
+    """One epoch's batches as lists of example indices, shuffled by (seed, epoch) alone, so a resumed
+    run recomputes the same list and continues at (epoch, batch index). Examples with different K
+    go to different batches; the last batch of each K may be smaller."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(examples)).tolist()
+    by_k = {}
+    for i in order:
+        by_k.setdefault(len(examples[i].responses), []).append(i)
+    out = [idx[s:s + batch_size] for idx in by_k.values() for s in range(0, len(idx), batch_size)]
+    return [out[j] for j in rng.permutation(len(out))] if len(by_k) > 1 else out

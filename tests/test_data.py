@@ -1,0 +1,350 @@
+"""data.py against independent references: ids recorded from sentencepiece, tiktoken's r50k_base and
+mistral-common (tests/make_data_fixtures.py), tokenisations worked by hand on small files written in
+each format, and hand-built batches."""
+import json
+import os
+import random
+import re
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+IDS = json.loads((FIX / "tokenizer_ids.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def sp_v1():
+    return data.load_tokenizer(FIX / "mistral_v1.model")
+
+
+# ----------------------------------------------------------------------------- formats and pairs
+
+Q1, Q2 = "What is 2+2?", "Name a colour."
+EXPECTED = [data.Example(Q1, ["4", "5"], [1.0, 0.0]), data.Example(Q2, ["Blue.", "Loud."], [1.0, 0.0])]
+
+
+@pytest.mark.parametrize("name", ["reward", "ultrafeedback", "preference"])
+def test_reward_ultrafeedback_and_preference_files_load_into_the_same_examples(name):
+    assert data.load_examples(FIX / f"{name}.jsonl") == EXPECTED
+    assert data.load_examples(FIX / f"{name}.jsonl", format=name) == EXPECTED
+
+
+def test_chat_preference_with_explicit_or_implicit_prompt_loads_as_a_user_message():
+    chat = [data.Example([{"role": "user", "content": ex.prompt}], ex.responses, ex.rewards) for ex in EXPECTED]
+    assert data.load_examples(FIX / "preference_chat.jsonl") == chat
+    for template in data.TEMPLATES:  # a single user message renders exactly like the plain string
+        assert data.render(template, chat[0].prompt) == data.render(template, Q1)
+
+
+def test_sft_file_loads_as_k1_with_zero_reward():
+    assert data.load_examples(FIX / "sft.jsonl") == [data.Example(Q1, ["4"], [0.0]), data.Example(Q2, ["Blue."], [0.0])]
+
+
+R = [3.0, 1.0, 3.0, 2.0]  # responses 0 and 2 tie for best
+
+
+def _pairs(mode, seed=0):
+    ex = data.Example("q", ["a", "b", "c", "d"], R)
+    return [(p.responses, p.rewards) for p in data.to_pairs([ex], mode, seed)]
+
+
+def test_dpo_all_gives_every_untied_pair_ordered_by_reward(capsys):
+    assert _pairs("dpo_all") == [(["a", "b"], [3, 1]), (["a", "d"], [3, 2]), (["c", "b"], [3, 1]),
+                                 (["d", "b"], [2, 1]), (["c", "d"], [3, 2])]  # pairs (i, j), i < j, winner first
+    assert "1 examples -> 5 pairs; dropped 1 tied pairs" in capsys.readouterr().out
+
+
+def test_dpo_x3_gives_the_best_against_each_lower_response(capsys):
+    assert _pairs("dpo_x3") == [(["a", "b"], [3, 1]), (["a", "d"], [3, 2])]
+    assert "dropped 1 tied pairs" in capsys.readouterr().out
+
+
+def test_dpo_gives_the_best_against_one_random_lower_response_fixed_by_the_seed():
+    picks = {tuple(_pairs("dpo", seed)[0][0]) for seed in range(20)}
+    assert picks == {("a", "b"), ("a", "d")}
+    assert _pairs("dpo", 7) == _pairs("dpo", 7)
+
+
+def test_an_all_tied_example_gives_no_pair_and_is_counted(capsys):
+    assert data.to_pairs([data.Example("q", ["a", "b", "c"], [2.0, 2.0, 2.0])], "dpo_all") == []
+    assert "dropped 3 tied pairs (1 examples gave no pair)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+GOOD = '{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2]}'
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2]', "malformed JSON line"),
+    ('{"prompt": "p", "responses": ["a", "b"]}', "missing key 'rewards'"),
+    ('{"prompt": "p", "responses": ["a"], "rewards": [1]}', "field 'responses': expected a list of K >= 2"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1]}', "field 'rewards': expected a list of 2 numbers"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, "7"]}', "field 'rewards[1]': expected a number"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [true, 1]}', "field 'rewards[0]': expected a number"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, NaN]}', "field 'rewards[1]': expected a finite number"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [Infinity, 1]}', "field 'rewards[0]': expected a finite number"),
+    ('{"prompt": "p", "responses": ["a", " "], "rewards": [1, 2]}', "field 'responses[1]': empty response"),
+    ('{"prompt": 3, "responses": ["a", "b"], "rewards": [1, 2]}', "field 'prompt': expected a string"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_reward_lines_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(GOOD + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{re.escape(message)}"):
+        data.load_examples(path)
+
+
+@pytest.mark.parametrize("fmt, line, message", [
+    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}]}', "field 'completions': expected a list of K >= 2"),
+    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}, {"response": "b"}]}', "field 'completions[1]': missing key 'overall_score'"),
+    ("preference", '{"prompt": "p", "chosen": "a", "rejected": ""}', "field 'rejected': empty response"),
+    ("preference", '{"chosen": "a", "rejected": "b"}', "missing key 'prompt'"),
+    ("sft", '{"prompt": "p"}', "missing key 'response'"),
+])
+def test_bad_lines_of_other_formats_name_file_line_and_field(tmp_path, fmt, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"bad.jsonl:1: .*{re.escape(message)}"):
+        data.load_examples(path, format=fmt)
+
+
+def test_a_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n" + '{"prompt": "caf\xe9", "responses": ["a", "b"], "rewards": [1, 2]}\n').encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8"):
+        data.load_examples(path)
+
+
+def test_unknown_keys_say_which_formats_exist(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"odd.jsonl:1: cannot tell the format .*reward: prompt, responses, rewards"):
+        data.load_examples(path)
+
+
+# ----------------------------------------------------------------------------- tokenisers
+
+
+@pytest.mark.parametrize("name", ["mistral_v1", "mistral_v3", "gpt2"])
+def test_token_ids_equal_the_recorded_reference_tokenisers(name):
+    tok = data.load_tokenizer(FIX / ("gpt2.tiktoken" if name == "gpt2" else f"{name}.model"))
+    for text, ids in zip(IDS["texts"], IDS[name]):
+        assert tok.encode(text) == ids, text
+        if "▁" not in text:  # SentencePiece itself decodes a literal ▁ to a space
+            assert tok.decode(ids) == text
+
+
+def test_mistral_vocabularies_have_the_model_sizes(sp_v1):
+    v3 = data.load_tokenizer(FIX / "mistral_v3.model")
+    assert (sp_v1.vocab_size, sp_v1.bos_id, sp_v1.eos_id) == (32000, 1, 2)
+    assert (v3.vocab_size, v3.special_ids["[INST]"], v3.special_ids["[/INST]"]) == (32768, 3, 4)
+
+
+def test_gpt2_reads_hello_world_as_the_published_ids():
+    tok = data.load_tokenizer(FIX / "gpt2.tiktoken")
+    assert tok.encode("Hello, world!") == [15496, 11, 995, 0]
+    assert (tok.eos_id, tok.vocab_size) == (50256, 50257)
+
+
+def test_sentencepiece_matches_the_library_on_random_text(sp_v1):
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(FIX / "mistral_v1.model"))
+    rnd = random.Random(0)
+    chars = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), 0x2581, 0x3042, 0x4E00, 0xAC00, 0x1F600, 10, 9]]
+    words = IDS["texts"][1].split() + IDS["texts"][10].split()
+    for _ in range(1000):
+        text = ("".join(rnd.choice(chars) for _ in range(rnd.randint(1, 30))) if rnd.random() < 0.5 else
+                (" " * rnd.randint(0, 3)).join(rnd.choice(words) for _ in range(rnd.randint(1, 12))))
+        assert sp_v1.encode(text) == sp.encode(text), text
+        assert sp_v1.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+
+
+def _pb(num, value):
+    """One protobuf field: varint for int, fixed32 for float, length-delimited for str/bytes."""
+    def varint(x):
+        out = b""
+        while x > 0x7F:
+            out, x = out + bytes([x & 0x7F | 0x80]), x >> 7
+        return out + bytes([x])
+    if isinstance(value, int):
+        return varint(num << 3) + varint(value)
+    if isinstance(value, float):
+        return varint(num << 3 | 5) + struct.pack("<f", value)
+    value = value.encode() if isinstance(value, str) else value
+    return varint(num << 3 | 2) + varint(len(value)) + value
+
+
+def test_sentencepiece_piece_that_bpe_cannot_build_is_split_as_sentencepiece_does(tmp_path):
+    # "▁abcd" is a piece, but BPE from its characters merges b+c first (score 0), then ▁+a, and
+    # [▁a, bc, d] has no pair left: tiktoken alone would return the whole chunk as one token.
+    normal = [("bc", 0.0), ("▁a", -1.0), ("cd", -2.0), ("▁abcd", -3.0),
+              ("▁", -4.0), ("a", -5.0), ("b", -6.0), ("c", -7.0), ("d", -8.0)]
+    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    pieces += [(p, s, 1) for p, s in normal]
+    model = b"".join(_pb(1, _pb(1, p) + _pb(2, s) + _pb(3, t)) for p, s, t in pieces)
+    model += _pb(2, _pb(3, 2) + _pb(35, 1)) + _pb(3, _pb(1, "identity") + _pb(3, 1) + _pb(4, 0) + _pb(5, 1))
+    (tmp_path / "tokenizer.model").write_bytes(model)
+    tok = data.load_tokenizer(tmp_path)
+    ids = {p: i for i, (p, _, _) in enumerate(pieces)}
+    assert tok.encode("abcd") == [ids["▁a"], ids["bc"], ids["d"]]
+    assert tok.encode("cd é") == [ids["▁"], ids["cd"], ids["▁"], 3 + 0xC3, 3 + 0xA9]  # é is no piece: its bytes
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    assert [sp.encode(t) for t in ("abcd", "cd é", " abcd  abcd")] == [tok.encode(t) for t in ("abcd", "cd é", " abcd  abcd")]
+
+
+def _write_tiktoken_file(path, merges):
+    import base64
+    tokens = [bytes([b]) for b in range(256)] + merges
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+
+
+def test_llama3_reader_on_a_small_file_in_its_format(tmp_path):
+    _write_tiktoken_file(tmp_path / "tokenizer.model", [b"is", b"Th", b"This", b" is", b" t", b"es"])
+    tok = data.load_tokenizer(tmp_path)
+    # by hand: "This" -> T h (is) -> (Th)(is) -> (This); " is" -> " " (is) -> ( is); " a" has no merge;
+    # " test" -> ( t) e s t -> ( t)(es)t; "." alone.  Specials follow the 262 ranks.
+    assert tok.encode("This is a test.") == [258, 259, 32, 97, 260, 261, 116, 46]
+    assert (tok.bos_id, tok.eos_id, tok.special_ids["<|eot_id|>"], tok.vocab_size) == (262, 263, 271, 262 + 256)
+    assert tok.encode("<|eot_id|>") == list(b"<|eot_id|>")  # special names in data stay text...
+    assert tok.encode("<|eot_id|>", special=True) == [271]  # ...and are markers only in templates
+    assert tok.decode([258, 259, 271]) == "This is<|eot_id|>"
+
+
+@pytest.mark.skipif(not os.environ.get("NCA_LLAMA3_TOKENIZER"), reason="set NCA_LLAMA3_TOKENIZER=path/to/llama3/tokenizer.model")
+def test_real_llama3_tokenizer_gives_metas_ids():
+    tok = data.load_tokenizer(os.environ["NCA_LLAMA3_TOKENIZER"])
+    assert [tok.bos_id] + tok.encode("This is a test sentence.") == [128000, 2028, 374, 264, 1296, 11914, 13]
+    assert (tok.eos_id, tok.special_ids["<|eot_id|>"], tok.special_ids["<|start_header_id|>"], tok.vocab_size) == \
+        (128001, 128009, 128006, 128256)
+
+
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"  # tekken_240718.json's
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+                  r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _write_tekken(path, special_tokens=None):
+    import base64
+    tokens = [bytes([b]) for b in range(256)] + [b"ab", b"abc", b"zz"]
+    model = {"config": {"pattern": TEKKEN_PATTERN,
+                        "num_vocab_tokens": len(tokens), "default_vocab_size": 24 + 258, "default_num_special_tokens": 24,
+                        "version": "v3"},
+             "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None} for r, t in enumerate(tokens)]}
+    if special_tokens:
+        model["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(special_tokens)]
+    path.write_text(json.dumps(model))
+
+
+def test_tekken_reader_on_a_small_file_in_its_format(tmp_path):
+    _write_tekken(tmp_path / "tekken.json")
+    tok = data.load_tokenizer(tmp_path)
+    # ids = 24 specials + rank; "zz" lies beyond default_vocab_size, so " zz" stays three bytes
+    assert tok.encode("abc zz") == [24 + 257, 24 + 32, 24 + 122, 24 + 122]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 11, 282)
+    assert tok.encode("[INST]x", special=True) == [3, 24 + 120]
+    assert tok.special_ids["<SPECIAL_23>"] == 23  # fillers up to default_num_special_tokens
+    _write_tekken(tmp_path / "tekken.json", ["<unk>", "<s>", "</s>", "<pad>"])
+    assert data.load_tokenizer(tmp_path / "tekken.json").pad_id == 3
+
+
+@pytest.mark.skipif(not os.environ.get("NCA_TEKKEN_TOKENIZER"), reason="set NCA_TEKKEN_TOKENIZER=path/to/tekken_240718.json")
+def test_real_tekken_gives_mistral_commons_ids():
+    tok = data.load_tokenizer(os.environ["NCA_TEKKEN_TOKENIZER"])
+    assert [tok.bos_id] + tok.encode("This is a test sentence.") == [1, 4380, 1395, 1261, 2688, 19286, 1046]
+    assert [tok.encode(t) for t in IDS["texts"]] == IDS["tekken_240718"]
+
+
+def test_byte_tokenizer_is_utf8_bytes_plus_three_specials():
+    tok = data.load_tokenizer("byte")
+    assert tok.encode("hé!") == [104, 0xC3, 0xA9, 33]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
+    assert tok.decode([104, 0xC3, 0xA9, 257]) == "hé<|eos|>"
+
+
+def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes((FIX / "mistral_v1.model").read_bytes())
+    assert data.load_tokenizer(tmp_path / "sp").sp_ids is not None  # protobuf -> SentencePiece
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "gpt2.tiktoken").write_bytes((FIX / "gpt2.tiktoken").read_bytes())
+    assert data.load_tokenizer(tmp_path / "gpt2").bos_id == 50256
+    with pytest.raises(ValueError, match="no tekken.json, tokenizer.model or gpt2.tiktoken"):
+        data.load_tokenizer(tmp_path)
+    (tmp_path / "junk.model").write_text("not a tokenizer\n")
+    with pytest.raises(ValueError, match=r"junk.model:1: expected 'base64-token rank'"):
+        data.load_tokenizer(tmp_path / "junk.model")
+
+
+# ----------------------------------------------------------------------------- templates and batches
+
+
+def test_templates_render_the_reference_chat_formats():
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert data.render("llama3", chat) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>")
+    assert data.render("mistral", chat + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]) == (
+        "[INST] Be brief.\n\nHi [/INST]Yo</s>[INST] Bye [/INST]", "</s>")
+    assert data.render("zephyr", chat) == ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n", "</s>")
+    assert data.render("chatml", "Hi") == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
+    assert data.render("none", "Hi") == ("Hi", None)
+
+
+@pytest.mark.parametrize("template", ["none", "mistral", "zephyr", "llama3"])
+def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(sp_v1, template):
+    examples = [data.Example("What is 2+2?", ["4", "Four, of course."], [1.0, 0.0]),
+                data.Example([{"role": "user", "content": "Say hi"}], [" hi  there", "Hello!\n"], [0.5, 2.0])]
+    batch = data.collate(examples, sp_v1, template=template, max_length=512, max_prompt_length=256)
+    assert batch["tokens"].shape[0] == 4 and batch["rewards"].tolist() == [[1.0, 0.0], [0.5, 2.0]]
+    for b, ex in enumerate(examples):
+        text, eot = data.render(template, ex.prompt)
+        prompt = [sp_v1.bos_id] + sp_v1.encode(text, special=template != "none")
+        end = sp_v1.encode(eot, special=True) if eot else [sp_v1.eos_id]
+        assert end == data.end_of_turn(sp_v1, template) == ([2] if template != "llama3" else sp_v1.encode("<|eot_id|>"))
+        for k, y in enumerate(ex.responses):
+            row, mask = batch["tokens"][b * 2 + k], batch["loss_mask"][b * 2 + k]
+            assert row[mask].tolist() == sp_v1.encode(y) + end
+            assert row[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()
+            n = len(prompt) + len(sp_v1.encode(y) + end)
+            assert (row[n:] == sp_v1.pad_id).all() and not mask[n:].any()
+    assert batch["tokens"].shape[1] == max(int(m.nonzero().max()) + 1 for m in batch["loss_mask"])  # no extra padding
+
+
+def test_truncation_keeps_bos_and_prompt_end_and_the_response_start():
+    tok = data.load_tokenizer("byte")
+    ex = [data.Example("0123456789", ["abcdefgh", "xy"], [1.0, 0.0])]
+    batch = data.collate(ex, tok, max_length=10, max_prompt_length=5)
+    bos, eos, pad = tok.bos_id, tok.eos_id, tok.pad_id
+    assert batch["tokens"].tolist() == [[bos, *b"6789", *b"abcde"], [bos, *b"6789", *b"xy", eos, pad, pad]]
+    assert batch["tokens"][0][batch["loss_mask"][0]].tolist() == list(b"abcde")  # the EOS was cut too
+    assert (batch["prompts_truncated"], batch["responses_truncated"]) == (1, 1)
+    # the left edge: a response that exactly fits keeps its EOS and is not counted
+    fit = data.collate([data.Example("", ["abcd"], [0.0])], tok, max_length=6, max_prompt_length=1)
+    assert fit["tokens"].tolist() == [[bos, *b"abcd", eos]] and fit["responses_truncated"] == 0
+    assert fit["loss_mask"].tolist() == [[False] + [True] * 5]
+
+
+def test_collate_rejects_mixed_k_and_bad_lengths():
+    tok = data.load_tokenizer("byte")
+    with pytest.raises(ValueError, match="same K"):
+        data.collate([data.Example("p", ["a", "b"], [1, 0]), data.Example("p", ["a"], [0])], tok)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        data.collate([data.Example("p", ["a"], [0])], tok, max_length=8, max_prompt_length=8)
+
+
+def test_batches_are_a_deterministic_per_epoch_shuffle_grouped_by_k():
+    examples = [data.Example("p", ["a", "b"], [1, 0])] * 7 + [data.Example("p", ["a", "b", "c"], [1, 0, 2])] * 3
+    first = data.batches(examples, 3, seed=1, epoch=0)
+    assert first == data.batches(examples, 3, seed=1, epoch=0)  # resuming recomputes the same order
+    assert first != data.batches(examples, 3, seed=1, epoch=1)
+    assert sorted(i for b in first for i in b) == list(range(10))  # every example once per epoch
+    assert all(len({len(examples[i].responses) for i in b}) == 1 for b in first)
+    assert sorted(map(len, first)) == [1, 3, 3, 3]
