@@ -1,0 +1,202 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from model import PRESETS, Transformer
+
+ARGS = PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here are tiny: a second thread only adds OpenMP barrier waits, which stall every op
+    when the cores are shared (3x slower file on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **changes):
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(ARGS, **changes))
+
+
+def tokens(B=4, T=16, seed=1):
+    return torch.randint(0, ARGS.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def train(model, steps, lr=1e-2):
+    """Next-token cross-entropy on one fixed batch: enough to move the adapters away from B = 0."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)  # every parameter: the frozen ones must not move
+    x, losses = tokens(), []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def randomize_adapters(model):
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_fresh_adapter_gives_outputs_identical_to_the_base_model():
+    base, x = tiny(), tokens()
+    want = base(x)
+    model = tiny()
+    wq = model.layers[0].attention.wq.weight
+    lora.inject(model, r=4, alpha=8.0)
+    assert torch.equal(model(x), want)
+    assert model.layers[0].attention.wq.weight is wq          # the base tensor itself, not a copy
+    assert "layers.0.attention.wq.weight" in model.state_dict()  # base keys unchanged: checkpoints load
+
+
+def test_disabled_model_equals_the_base_model_after_training_steps():
+    x = tokens()
+    want = tiny()(x)
+    model = lora.inject(tiny(), r=4, alpha=8.0)
+    train(model, steps=3)
+    trained = model(x)
+    assert not torch.allclose(trained, want, atol=1e-3)
+    with torch.no_grad(), lora.disabled(model):
+        assert torch.equal(model(x), want)              # log mu exactly, from the same weights
+    assert torch.equal(model(x), trained)               # adapters back on after the context
+
+
+def test_merged_outputs_equal_unmerged_and_unmerge_restores_the_base():
+    model, x = lora.inject(tiny(), r=4, alpha=8.0), tokens()
+    randomize_adapters(model)
+    base_w = model.layers[0].feed_forward.w2.weight.clone()
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = lora.merge(model)(x)
+        with pytest.raises(ValueError, match="merged"):
+            with lora.disabled(model):
+                pass
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model.layers[0].feed_forward.w2.weight, base_w)
+        lora.unmerge(model)
+    torch.testing.assert_close(model.layers[0].feed_forward.w2.weight, base_w, rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_only_adapters_and_an_optimizer_step_changes_nothing_else():
+    model = lora.inject(tiny(), targets=("q", "v", "down"), r=4, alpha=8.0)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.endswith(("lora_A", "lora_B")) for name in trainable)
+    assert {name.split(".")[-2] for name in trainable} == {"wq", "wv", "w2"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, steps=2)
+    assert all(p.grad is None for name, p in model.named_parameters() if name not in trainable)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v) == (k not in trainable), k
+
+
+def test_count_parameters_adds_r_times_in_plus_out_per_adapted_layer():
+    base_total = sum(p.numel() for p in tiny().parameters())
+    model = lora.inject(tiny(), targets=("q", "gate"), r=4, alpha=8.0)
+    want = sum(4 * (lin.in_features + lin.out_features)            # r * (in + out) per adapted layer
+               for name, lin in tiny().named_modules() if name.endswith((".wq", ".w1")))
+    assert lora.count_parameters(model) == (want, base_total + want)
+    assert lora.count_parameters(lora.quantize_4bit(model)) == (want, base_total + want)
+
+
+def test_adapter_save_load_round_trips(tmp_path):
+    model, x = lora.inject(tiny(), targets="q,k,up", r=4, alpha=8.0), tokens()
+    train(model, steps=2)
+    lora.save_adapter(model, tmp_path / "adapter.pt")
+    loaded = lora.load_adapter(tiny(), tmp_path / "adapter.pt")      # injects r, alpha, targets from the file
+    assert torch.equal(loaded(x), model(x))
+    assert lora.count_parameters(loaded) == lora.count_parameters(model)
+
+
+def test_loading_an_adapter_into_another_shape_or_targets_fails_clearly(tmp_path):
+    path = tmp_path / "adapter.pt"
+    lora.save_adapter(lora.inject(tiny(), targets=("q", "v"), r=4, alpha=8.0), path)
+    with pytest.raises(ValueError, match=r"targets=\['q', 'v'\] but the model's adapters have targets=\['q'\]"):
+        lora.load_adapter(lora.inject(tiny(), targets=("q",), r=4, alpha=8.0), path)
+    with pytest.raises(ValueError, match="r=4 but the model's adapters have r=8"):
+        lora.load_adapter(lora.inject(tiny(), targets=("q", "v"), r=8, alpha=8.0), path)
+    with pytest.raises(ValueError, match=r"layers.0.attention.wq: adapter was saved for .* \[\d+, \d+\] but the model has \[\d+, \d+\]"):
+        lora.load_adapter(tiny(dim=2 * ARGS.dim), path)
+    with pytest.raises(ValueError, match=f"layers.{ARGS.n_layers}.attention.wq: .* absent"):
+        lora.load_adapter(tiny(n_layers=ARGS.n_layers + 1), path)
+    with pytest.raises(ValueError, match="unknown"):
+        lora.inject(tiny(), targets=("q", "query"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: cannot read as a LoRA adapter"):
+        lora.load_adapter(tiny(), tmp_path / "junk.pt")
+    torch.save({"model": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a LoRA adapter file"):
+        lora.load_adapter(tiny(), tmp_path / "other.pt")
+
+
+# ----------------------------------------------------------------------------- NF4 / QLoRA
+
+
+def test_nf4_levels_derived_from_normal_quantiles_match_the_qlora_table():
+    # QLoRA (arXiv:2305.14314) Appendix E, as listed in bitsandbytes' get_4bit_type("nf4")
+    table = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+    torch.testing.assert_close(lora.NF4, torch.tensor(table), rtol=0, atol=1e-6)
+
+
+def test_nf4_error_on_gaussian_weights_is_within_half_a_level_gap_and_below_int4():
+    w = torch.randn(384, 256, generator=torch.Generator().manual_seed(0))
+    packed, absmax = lora.quantize_nf4(w, block_size=64)
+    assert packed.dtype == torch.uint8 and packed.numel() == w.numel() // 2 and absmax.numel() == w.numel() // 64
+    err = (lora.dequantize_nf4(packed, absmax, w.shape, torch.float32) - w).view(-1, 64)
+    scale = w.view(-1, 64).abs().amax(dim=1, keepdim=True)
+    # nearest-level rounding: |error| <= half the widest gap (0.7230 -> 1.0) times the block's absmax,
+    # plus the bf16 rounding of the scale (relative 2^-8)
+    half_gap = (lora.NF4[1:] - lora.NF4[:-1]).max() / 2
+    assert (err.abs() <= scale * (half_gap + 2**-8)).all()
+    # QLoRA §3: NF4 suits normal weights better than uniform 4-bit absmax (levels k/7, k = -7..7)
+    int4 = torch.round(w.view(-1, 64) / scale * 7) / 7 * scale - w.view(-1, 64)
+    assert err.pow(2).mean() < 0.9 * int4.pow(2).mean()
+
+
+def test_nf4_linear_matches_a_linear_layer_on_the_dequantised_weight_forward_and_backward():
+    torch.manual_seed(0)
+    parent = nn.ModuleDict({"wq": nn.Linear(96, 40)})        # with bias, and 96*40 not a multiple of 64
+    lora.quantize_4bit(lora.inject(parent, targets=("q",), r=2, alpha=2.0))
+    layer = parent["wq"]
+    assert layer.weight is None and "wq.weight" not in parent.state_dict()
+    w = lora.dequantize_nf4(layer.weight_nf4, layer.weight_absmax, (40, 96), torch.float32)
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    y = layer(x)
+    y_ref = F.linear(x_ref, w, layer.bias) + F.linear(F.linear(x_ref, layer.lora_A), layer.lora_B)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    with pytest.raises(ValueError, match="4-bit base"):
+        lora.merge(parent)
+
+
+def test_quantized_base_is_about_4x_smaller_than_bf16_and_its_lora_model_trains():
+    model = lora.quantize_4bit(lora.inject(tiny(), r=8, alpha=16.0))
+    mods = lora.lora_modules(model).values()
+    bf16_bytes = sum(m.out_features * m.in_features * 2 for m in mods)
+    nf4_bytes = sum(m.weight_nf4.nbytes + m.weight_absmax.nbytes for m in mods)
+    assert 3.7 < bf16_bytes / nf4_bytes <= 16 / 4.25             # 4 bits + a bf16 scale per 64 weights
+    losses = train(model, steps=12)
+    assert losses[-1] < losses[0] - 0.5, losses                  # nats; starts at ln(vocab_size)
