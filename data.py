@@ -85,8 +85,8 @@ def _read_jsonl(path):
 def _prompt(value, where, key="prompt"):
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise ValueError(f"{where}: field {key!r}: expected a string or a non-empty list of "
                      f"{{\"role\": str, \"content\": str}} messages")
@@ -104,9 +104,14 @@ def _reward(value, where, key):
     # bool is an int in Python, but `true` is not a score
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: field {key!r}: expected a number, got {json.dumps(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer can have any number of digits
+        raise ValueError(f"{where}: field {key!r}: expected a finite number, got an integer too large "
+                         f"for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"{where}: field {key!r}: expected a finite number, got {value}")
-    return float(value)
+    return value
 
 
 def _parse_reward(obj, where):
@@ -139,10 +144,14 @@ def _parse_ultrafeedback(obj, where):
 def _parse_preference(obj, where):
     prompt = _prompt(obj["prompt"], where) if "prompt" in obj else None
     chosen, rejected = obj["chosen"], obj["rejected"]
-    if isinstance(chosen, str) and isinstance(rejected, str):
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise ValueError(f"{where}: fields 'chosen'/'rejected': must both be strings or both chats "
+                         f"(lists of messages), got {type(chosen).__name__} and {type(rejected).__name__}")
+    if isinstance(chosen, str):
         if prompt is None:
             raise ValueError(f"{where}: missing key 'prompt' (needed when chosen/rejected are strings)")
-        return Example(prompt, [_response(chosen, where, "chosen"), _response(rejected, where, "rejected")], [1.0, 0.0])
+        return Example(prompt, [_response(chosen, where, "chosen"), _response(rejected, where, "rejected")],
+                       [1.0, 0.0])
     # conversational: the last message is the answer; the messages before it (if any) extend the prompt
     chosen, rejected = _prompt(chosen, where, "chosen"), _prompt(rejected, where, "rejected")
     for key, chat in (("chosen", chosen), ("rejected", rejected)):
@@ -154,7 +163,11 @@ def _parse_preference(obj, where):
         raise ValueError(f"{where}: missing key 'prompt' (chosen holds no messages before the answer)")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    prompt = (prompt or []) + chosen[:-1]
+    # UltraFeedback-binarized / Zephyr rows give `prompt` AND full conversations that already hold it:
+    # then the conversation alone is the prompt, or the question would be asked twice
+    history = chosen[:-1]
+    held = prompt is None or any(history[i:i + len(prompt)] == prompt for i in range(len(history)))
+    prompt = history if held else prompt + history
     return Example(prompt, [_response(chosen[-1]["content"], where, "chosen"),
                             _response(rejected[-1]["content"], where, "rejected")], [1.0, 0.0])
 
@@ -220,8 +233,14 @@ class Tokenizer:
         (used for template markers); each segment between them is encoded on its own, as
         SentencePiece, mistral-common and HF's legacy Llama tokeniser do."""
         if special and self.special_ids:
-            parts = re.split("(" + "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True))) + ")", text)
-            return [i for n, part in enumerate(parts) for i in ([self.special_ids[part]] if n % 2 else self.encode(part))]
+            # longest first: the regex takes the first name that matches, so none may cut a longer one short
+            names = sorted(self.special_ids, key=len, reverse=True)
+            parts = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
+            # re.split with a group alternates text, marker, text, ...: the odd parts are the markers
+            ids = []
+            for n, part in enumerate(parts):
+                ids += [self.special_ids[part]] if n % 2 else self.encode(part)
+            return ids
         if self.sp_ids is None:
             return self.enc.encode(text, disallowed_special=())
         if not text:
@@ -230,6 +249,9 @@ class Tokenizer:
         return [i for rank in self.enc.encode(text, allowed_special="all") for i in self.sp_ids[rank]]
 
     def decode(self, ids) -> str:
+        if bad := [i for i in ids if not 0 <= i < len(self.decoder)]:  # a negative id would index from the end
+            raise ValueError(f"decode: token id {bad[0]} is out of range for tokenizer {self.enc.name!r} "
+                             f"(ids 0 .. {len(self.decoder) - 1})")
         text = b"".join(self.decoder[i] for i in ids).decode("utf-8", errors="replace")
         return text[1:] if self.dummy_prefix and text.startswith(" ") else text
 
@@ -247,7 +269,8 @@ def load_tokenizer(spec="byte") -> Tokenizer:
             raise ValueError(f"tokenizer {spec}: directory has no tekken.json, tokenizer.model or gpt2.tiktoken")
         path = found[0]
     if not path.is_file():
-        raise ValueError(f"tokenizer {spec!r}: no such file; expected 'byte', a tokenizer file or a checkpoint directory")
+        raise ValueError(f"tokenizer {spec!r}: no such file; expected 'byte', a tokenizer file or a checkpoint "
+                         f"directory")
     if path.suffix == ".json":
         return _tekken(path)
     data = path.read_bytes()
@@ -265,14 +288,16 @@ def _tokenizer(name, pat_str, ranks, specials, bos, eos, pad, enc_specials=None)
         decoder[r] = b
     for s, r in specials.items():
         decoder[r] = s.encode()
-    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials if enc_specials is None else enc_specials)
+    enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
+                            special_tokens=specials if enc_specials is None else enc_specials)
     return Tokenizer(enc, specials.get(bos), specials.get(eos), specials[pad], vocab_size, decoder, specials)
 
 
 def _byte_tokenizer():
     # 256 byte tokens + 3 specials: no file, no merges; the default for tiny models
     specials = {"<|bos|>": 256, "<|eos|>": 257, "<|pad|>": 258}
-    return _tokenizer("byte", r"\S+|\s+", {bytes([b]): b for b in range(256)}, specials, "<|bos|>", "<|eos|>", "<|pad|>")
+    ranks = {bytes([b]): b for b in range(256)}
+    return _tokenizer("byte", r"\S+|\s+", ranks, specials, "<|bos|>", "<|eos|>", "<|pad|>")
 
 
 def _tiktoken_ranks(path, data):
@@ -289,7 +314,8 @@ def _tiktoken_ranks(path, data):
 
 
 # Llama 3 (meta-llama/llama3, llama/tokenizer.py): cl100k-like split, 256 special tokens after the BPE ranks
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
                    "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",
                    *(f"<|reserved_special_token_{i}|>" for i in range(5, 251))]
@@ -297,7 +323,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_specia
 
 def _llama3(ranks):
     specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}  # 128000 .. 128255 for the real file
-    return _tokenizer("llama3", LLAMA3_PATTERN, ranks, specials, "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>")
+    return _tokenizer("llama3", LLAMA3_PATTERN, ranks, specials,
+                      "<|begin_of_text|>", "<|end_of_text|>", "<|end_of_text|>")
 
 
 # GPT-2 = tiktoken's r50k_base (tiktoken_ext/openai_public.py); <|endoftext|> also serves as BOS
@@ -312,7 +339,8 @@ def _gpt2(ranks):
 # Tekken files older than v7 carry no special-token list; mistral-common fills in this one
 TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                   "[TOOL_CONTENT]"]
 
 
 def _tekken(path):
@@ -430,7 +458,9 @@ def _sentencepiece(path, data):
             sp_ids[ranks[b]] = tuple(i for r in built for i in sp_ids[r])
 
     special_ids = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SP_CONTROL, SP_UNKNOWN)}
-    decoder = [bytes([int(p[3:5], 16)]) if t == SP_BYTE else (p.replace("▁", " ").encode() if t in (SP_NORMAL, SP_USER_DEFINED) else p.encode())
+    decoder = [bytes([int(p[3:5], 16)]) if t == SP_BYTE
+               else p.replace("▁", " ").encode() if t in (SP_NORMAL, SP_USER_DEFINED)
+               else p.encode()  # control pieces decode to their name
                for p, _, t in pieces]
     return Tokenizer(enc, special_ids.get("<s>"), special_ids.get("</s>"), special_ids.get("</s>", 0), len(pieces),
                      decoder, special_ids, sp_ids=sp_ids, dummy_prefix=bool(normalizer.get(3, 1)))
@@ -443,16 +473,25 @@ TEMPLATES = {
     "none": ("{content}", "", None),  # plain text; the response ends with the tokeniser's EOS
     "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
                "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # Mistral 7B v0.1; assistant turns are "{content}</s>"
+    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # Mistral 7B v0.1; assistant turns: see render
     "zephyr": ("<|{role}|>\n{content}</s>\n", "<|assistant|>\n", "</s>"),
     "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
 }
 
 
 def end_of_turn(tok, template) -> list[int]:
-    """The ids that close a response under `template`: scored in training, the stop tokens when sampling."""
+    """The ids that close a response under `template`: scored in training, the stop tokens when sampling.
+    "</s>" is the tokeniser's EOS, whatever it is called; any other marker must be one special token,
+    or the model would be trained to end its turns by spelling the marker out (10 bytes for <|eot_id|>)."""
     eot = render(template, "")[1]
-    return tok.encode(eot, special=True) if eot else [tok.eos_id]
+    if eot is None or eot == "</s>":
+        if tok.eos_id is None:
+            raise ValueError(f"template {template!r} ends a response with EOS, but tokenizer {tok.enc.name!r} has none")
+        return [tok.eos_id]
+    if eot not in tok.special_ids:
+        raise ValueError(f"template {template!r}: its end-of-turn marker {eot!r} is not a special token of "
+                         f"tokenizer {tok.enc.name!r}; use the template that goes with the tokenizer")
+    return [tok.special_ids[eot]]
 
 
 def render(template, prompt) -> tuple[str, str | None]:
@@ -472,7 +511,10 @@ def render(template, prompt) -> tuple[str, str | None]:
         if template == "mistral" and m["role"] == "system":  # [INST] has no system turn: prepend to the next user turn
             system += m["content"] + "\n\n"
         elif template == "mistral" and m["role"] == "assistant":
-            text += m["content"] + eot
+            # mistral-common's v1 encodes each assistant turn on its own, so SentencePiece puts a "▁" before
+            # it, exactly as collate's separate encoding of the response does; the space gives that "▁"
+            # inside one text, and the split pattern cuts before it, so no token crosses into the turn
+            text += " " + m["content"] + eot
         else:
             text += turn.format(role=m["role"], content=system + m["content"])
             system = ""
@@ -494,8 +536,8 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
         raise ValueError("collate: empty batch")
     K = len(examples[0].responses)
     if any(len(ex.responses) != K for ex in examples):
-        raise ValueError(f"collate: every example of a batch needs the same K, got {sorted({len(ex.responses) for ex in examples})}"
-                         " (batches() groups examples by K)")
+        raise ValueError(f"collate: every example of a batch needs the same K, got "
+                         f"{sorted({len(ex.responses) for ex in examples})} (batches() groups examples by K)")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos = [] if tok.bos_id is None else [tok.bos_id]
@@ -530,6 +572,8 @@ def batches(examples, batch_size, *, seed=0, epoch=0) -> list[list[int]]:
     """One epoch's batches as lists of example indices, shuffled by (seed, epoch) alone, so a resumed
     run recomputes the same list and continues at (epoch, batch index). Examples with different K
     go to different batches; the last batch of each K may be smaller."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batches: batch_size must be a positive integer, got {batch_size!r}")
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(examples)).tolist()
     by_k = {}

@@ -63,13 +63,14 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     return codes[0::2] << 4 | codes[1::2], absmax
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
+                   dtype: torch.dtype) -> torch.Tensor:
     # index_select, not NF4_PAIRS[idx]: the same gather, 2.5x faster on CPU
     x = NF4_PAIRS.to(packed.device).index_select(0, packed.int()).view(absmax.numel(), -1)  # [n_blocks, block_size]
     return (x * absmax.float()[:, None]).view(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
-class NF4Linear(torch.autograd.Function):
+class NF4Matmul(torch.autograd.Function):
     """x W^T + bias with W dequantised in forward and again in backward. Plain F.linear would save the
     dequantised W [out, in] for backward: a full 16-bit copy of every frozen layer held until backward,
     undoing the memory cut. W and bias are frozen, so only x gets a gradient."""
@@ -118,7 +119,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if self.weight_nf4 is not None:
-            y = NF4Linear.apply(x, self.weight_nf4, self.weight_absmax, self.bias, (self.out_features, self.in_features))
+            shape = (self.out_features, self.in_features)
+            y = NF4Matmul.apply(x, self.weight_nf4, self.weight_absmax, self.bias, shape)
         else:
             y = F.linear(x, self.weight, self.bias)      # exactly nn.Linear's forward: disabled == base
         if not self.enabled or self.merged:
@@ -135,15 +137,18 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject(model: nn.Module, targets=tuple(TARGETS), r: int = 16, alpha: float = 32.0, dropout: float = 0.0) -> nn.Module:
+def inject(model: nn.Module, targets=tuple(TARGETS), r: int = 16, alpha: float = 32.0,
+           dropout: float = 0.0) -> nn.Module:
     """Replace every nn.Linear named by `targets` (e.g. layers[i].attention.wq for "q") by a LoRALinear,
     in place; freeze everything else. targets may be a comma-separated string, "q,v"."""
     targets = targets.split(",") if isinstance(targets, str) else list(targets)
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
         raise ValueError(f"LoRA targets {targets}: unknown {unknown}; expected a non-empty subset of {list(TARGETS)}")
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:  # r sizes lora_A / lora_B
+        raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got {alpha!r}")
     if lora_modules(model):
         raise ValueError("inject(): the model already has LoRA adapters")
     names = {TARGETS[t] for t in targets}
@@ -195,6 +200,10 @@ def merge(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
+    """W <- W - (alpha/r) B A. Not exact: W + BA - BA is W only up to two roundings, each of relative
+    size 2^-24 in float32 but 2^-8 in bf16, so after merge / unmerge disabled() gives mu only approximately.
+    Restoring W exactly would mean holding a second copy of every adapted weight while merged; for the
+    exact mu, merge a copy of the model (as train.py's export does) or reload the base weights."""
     for m in _modules_or_raise(model, "unmerge()").values():
         if m.merged:
             m.weight.copy_(m.weight.float() - m.delta_weight())
@@ -202,7 +211,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _header(mods: dict[str, LoRALinear]) -> dict:
+def _adapter_metadata(mods: dict[str, LoRALinear]) -> dict:
     m = next(iter(mods.values()))
     attrs = {name.rsplit(".", 1)[-1] for name in mods}
     return {"r": m.r, "alpha": m.alpha, "targets": [t for t, a in TARGETS.items() if a in attrs],
@@ -214,7 +223,7 @@ def save_adapter(model: nn.Module, path) -> None:
     Plain dicts, lists, numbers and tensors, so torch.load(weights_only=True) reads it."""
     mods = _modules_or_raise(model, "save_adapter()")
     state = {f"{name}.{p}": getattr(m, p).detach().cpu() for name, m in mods.items() for p in ("lora_A", "lora_B")}
-    torch.save({**_header(mods), "state": state}, path)
+    torch.save({**_adapter_metadata(mods), "state": state}, path)
 
 
 @torch.no_grad()
@@ -231,10 +240,11 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     mods = lora_modules(model)
     if any(m.merged for m in mods.values()):
         raise ValueError(f"load_adapter({path}): the model's adapters are merged; call lora.unmerge(model) first")
-    mine = _header(mods)
+    mine = _adapter_metadata(mods)
     for key in ("targets", "r", "alpha"):
         if ckpt[key] != mine[key]:
-            raise ValueError(f"{path}: adapter has {key}={ckpt[key]!r} but the model's adapters have {key}={mine[key]!r}")
+            raise ValueError(f"{path}: adapter has {key}={ckpt[key]!r} but the model's adapters have "
+                             f"{key}={mine[key]!r}")
     for name in sorted(ckpt["shapes"].keys() | mine["shapes"].keys()):
         saved, have = ckpt["shapes"].get(name), mine["shapes"].get(name)
         if saved != have:

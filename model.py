@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs:  # defaults: the shape of Mistral 7B
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -34,13 +34,21 @@ class ModelArgs:
     head_dim: int | None = None   # None = dim // n_heads (kept None, so dataclasses.replace(dim=...) re-derives it)
 
     def __post_init__(self):
+        # sizes first: the checks below divide by them
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len",
+                     "head_dim", "sliding_window"):
+            v = getattr(self, name)
+            if v is None and name in ("head_dim", "sliding_window"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ModelArgs: {name} must be a positive integer, got {v!r}")
         hd = self.head_dim or self.dim // self.n_heads
-        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads or hd % 2:
+        if self.n_heads % self.n_kv_heads or hd % 2:
             raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads}) and head_dim ({hd}) even (RoPE rotates pairs)")
 
 
-_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, norm_eps=1e-5)
+_7B = ModelArgs()
 PRESETS = {
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, max_seq_len=2048),
     "mistral-7b-v0.1": replace(_7B, vocab_size=32000, rope_theta=1e4, sliding_window=4096),
@@ -195,12 +203,16 @@ class KVCache:
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020)."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
     p, idx = probs.sort(-1, descending=True)
     if top_p < 1:
-        p[p.cumsum(-1) - p > top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p (as HF's TopPLogitsWarper): a token goes
+        # once the tokens before it already hold top_p, so mass exactly top_p ends the prefix
+        p[p.cumsum(-1) - p >= top_p] = 0
     choice = torch.multinomial(p, 1, generator=generator)  # multinomial renormalises
     return idx.gather(-1, choice)[:, 0]
 
@@ -213,6 +225,9 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, eos_
     live on the model's device. Runs in eval mode (no dropout) and restores the caller's mode."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    V = model.args.vocab_size
+    if bad := [t for p in prompts for t in p if not 0 <= t < V]:  # else an index error deep in the embedding
+        raise ValueError(f"generate: token id {bad[0]} is out of range for the model's vocabulary (0 .. {V - 1})")
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), dtype=torch.long)
@@ -283,7 +298,7 @@ def read_safetensors(path):
         where = f"{path}: tensor {name!r}"
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            valid = all(type(v) is int and v >= 0 for v in [*shape, begin, end])
+            valid = isinstance(dtype, str) and all(type(v) is int and v >= 0 for v in [*shape, begin, end])
         except (TypeError, KeyError, ValueError):
             valid = False
         if not valid:
@@ -370,12 +385,13 @@ def _get(cfg, key, file, kind=int, default=...):
 
 
 def _args(file, **kw):
-    if kw["head_dim"] == kw["dim"] // kw["n_heads"]:
-        kw["head_dim"] = None  # the canonical form of a derived head_dim, as in PRESETS
     try:
-        return ModelArgs(**kw)
+        args = ModelArgs(**kw)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
+    if args.head_dim == args.dim // args.n_heads:
+        args = replace(args, head_dim=None)  # the canonical form of a derived head_dim, as in PRESETS
+    return args
 
 
 def _args_from_hf(cfg, file):
@@ -399,7 +415,7 @@ def _args_from_hf(cfg, file):
                  head_dim=_get(cfg, "head_dim", file, int, None))
 
 
-def _args_from_params(p, file):
+def _args_from_params(p, file, n_embeddings=None):
     if "moe" in p or p.get("use_scaled_rope"):
         raise ValueError(f"{file}: mixture-of-experts and scaled RoPE (Llama 3.1+) are not supported")
     dim = _get(p, "dim", file)
@@ -411,9 +427,11 @@ def _args_from_params(p, file):
         m = _get(p, "multiple_of", file, default=256)
         hidden = m * -(-hidden // m)
     n_heads = _get(p, "n_heads", file)
+    vocab_size = _get(p, "vocab_size", file, default=-1)
+    if vocab_size <= 0 and n_embeddings is not None:  # Llama 2's params.json says -1: the embedding knows
+        vocab_size = n_embeddings
     return _args(file, dim=dim, n_layers=_get(p, "n_layers", file), n_heads=n_heads,
-                 n_kv_heads=_get(p, "n_kv_heads", file, default=n_heads),
-                 vocab_size=_get(p, "vocab_size", file, default=-1), hidden_dim=hidden,
+                 n_kv_heads=_get(p, "n_kv_heads", file, default=n_heads), vocab_size=vocab_size, hidden_dim=hidden,
                  norm_eps=_get(p, "norm_eps", file, (int, float), 1e-5),
                  rope_theta=_get(p, "rope_theta", file, (int, float), 10000.0),
                  max_seq_len=_get(p, "max_seq_len", file, default=32768),
@@ -453,7 +471,7 @@ def _read_hf(path):
 
 def _read_original(path):
     """params.json + consolidated.safetensors or consolidated.00.pth (one model-parallel shard only)."""
-    args = _args_from_params(_read_json(path / "params.json"), path / "params.json")
+    params = _read_json(path / "params.json")
     pth = sorted(path.glob("consolidated*.pth"))
     if (path / "consolidated.safetensors").is_file():
         file = path / "consolidated.safetensors"
@@ -470,8 +488,8 @@ def _read_original(path):
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{file}: expected a dict of tensor name -> tensor")
     tensors.pop("rope.freqs", None)  # Llama 2 stored its RoPE table; we compute it
-    if args.vocab_size <= 0 and "tok_embeddings.weight" in tensors:  # Llama 2's params.json says -1
-        args = replace(args, vocab_size=tensors["tok_embeddings.weight"].shape[0])
+    embeddings = tensors.get("tok_embeddings.weight")
+    args = _args_from_params(params, path / "params.json", None if embeddings is None else embeddings.shape[0])
     return args, {name: (t, file) for name, t in tensors.items()}
 
 
@@ -491,6 +509,12 @@ def load(path, *, device="cpu", dtype=None):
         model = Transformer(args)
     shapes = {n: p.shape for n, p in model.state_dict().items() if not (args.tie_embeddings and n == "output.weight")}
     ours = {(_hf_name(n) if hf else n): n for n in shapes}
+    head, embeddings = (_hf_name(n) if hf else n for n in ("output.weight", "tok_embeddings.weight"))
+    if args.tie_embeddings and head in found:
+        # some tied HF checkpoints store the head as well: a copy of the embedding is the tied weight
+        t, file = found.pop(head)
+        if embeddings not in found or not torch.equal(t, found[embeddings][0]):
+            raise ValueError(f"{file}: tensor {head!r} differs from {embeddings!r}, but the config ties them")
     state = {}
     for key, (t, file) in found.items():
         if key not in ours:

@@ -41,6 +41,20 @@ def test_chat_preference_with_explicit_or_implicit_prompt_loads_as_a_user_messag
         assert data.render(template, chat[0].prompt) == data.render(template, Q1)
 
 
+def test_prompt_already_in_the_conversations_is_not_asked_twice(tmp_path):
+    # UltraFeedback-binarized / Zephyr rows: `prompt` plus chosen / rejected that open with that question
+    sys_msg, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": Q1}
+    earlier = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    rows = [(Q1, [user]), (Q1, [sys_msg, user]), ([user], [user]), (Q1, earlier)]
+    path = tmp_path / "ufb.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": h + [{"role": "assistant", "content": "4"}],
+                                        "rejected": h + [{"role": "assistant", "content": "5"}]}) + "\n"
+                            for p, h in rows), encoding="utf-8")
+    prompts = [ex.prompt for ex in data.load_examples(path)]
+    # the last row's conversation does not hold the prompt: it is history, and the prompt follows it
+    assert prompts == [[user], [sys_msg, user], [user], [user] + earlier]
+
+
 def test_sft_file_loads_as_k1_with_zero_reward():
     assert data.load_examples(FIX / "sft.jsonl") == [data.Example(Q1, ["4"], [0.0]), data.Example(Q2, ["Blue."], [0.0])]
 
@@ -88,7 +102,10 @@ GOOD = '{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2]}'
     ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, "7"]}', "field 'rewards[1]': expected a number"),
     ('{"prompt": "p", "responses": ["a", "b"], "rewards": [true, 1]}', "field 'rewards[0]': expected a number"),
     ('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, NaN]}', "field 'rewards[1]': expected a finite number"),
-    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [Infinity, 1]}', "field 'rewards[0]': expected a finite number"),
+    ('{"prompt": "p", "responses": ["a", "b"], "rewards": [Infinity, 1]}',
+     "field 'rewards[0]': expected a finite number"),
+    pytest.param('{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 1' + "0" * 400 + ']}',
+                 "field 'rewards[1]': expected a finite number, got an integer too large", id="huge integer"),
     ('{"prompt": "p", "responses": ["a", " "], "rewards": [1, 2]}', "field 'responses[1]': empty response"),
     ('{"prompt": 3, "responses": ["a", "b"], "rewards": [1, 2]}', "field 'prompt': expected a string"),
     ('[1, 2]', "expected a JSON object"),
@@ -101,9 +118,13 @@ def test_bad_reward_lines_name_file_line_and_field(tmp_path, line, message):
 
 
 @pytest.mark.parametrize("fmt, line, message", [
-    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}]}', "field 'completions': expected a list of K >= 2"),
-    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}, {"response": "b"}]}', "field 'completions[1]': missing key 'overall_score'"),
+    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}]}',
+     "field 'completions': expected a list of K >= 2"),
+    ("ultrafeedback", '{"instruction": "p", "completions": [{"response": "a", "overall_score": 1}, {"response": "b"}]}',
+     "field 'completions[1]': missing key 'overall_score'"),
     ("preference", '{"prompt": "p", "chosen": "a", "rejected": ""}', "field 'rejected': empty response"),
+    ("preference", '{"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}',
+     "'chosen'/'rejected': must both be strings or both chats"),
     ("preference", '{"chosen": "a", "rejected": "b"}', "missing key 'prompt'"),
     ("sft", '{"prompt": "p"}', "missing key 'response'"),
 ])
@@ -116,7 +137,8 @@ def test_bad_lines_of_other_formats_name_file_line_and_field(tmp_path, fmt, line
 
 def test_a_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes((GOOD + "\n" + '{"prompt": "caf\xe9", "responses": ["a", "b"], "rewards": [1, 2]}\n').encode("latin-1"))
+    path.write_bytes((GOOD + "\n" + '{"prompt": "caf\xe9", "responses": ["a", "b"], "rewards": [1, 2]}\n')
+                     .encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8"):
         data.load_examples(path)
 
@@ -196,7 +218,8 @@ def test_sentencepiece_piece_that_bpe_cannot_build_is_split_as_sentencepiece_doe
     assert tok.encode("cd é") == [ids["▁"], ids["cd"], ids["▁"], 3 + 0xC3, 3 + 0xA9]  # é is no piece: its bytes
     spm = pytest.importorskip("sentencepiece")
     sp = spm.SentencePieceProcessor(model_proto=model)
-    assert [sp.encode(t) for t in ("abcd", "cd é", " abcd  abcd")] == [tok.encode(t) for t in ("abcd", "cd é", " abcd  abcd")]
+    texts = ("abcd", "cd é", " abcd  abcd")
+    assert [sp.encode(t) for t in texts] == [tok.encode(t) for t in texts]
 
 
 def _write_tiktoken_file(path, merges):
@@ -217,7 +240,8 @@ def test_llama3_reader_on_a_small_file_in_its_format(tmp_path):
     assert tok.decode([258, 259, 271]) == "This is<|eot_id|>"
 
 
-@pytest.mark.skipif(not os.environ.get("NCA_LLAMA3_TOKENIZER"), reason="set NCA_LLAMA3_TOKENIZER=path/to/llama3/tokenizer.model")
+@pytest.mark.skipif(not os.environ.get("NCA_LLAMA3_TOKENIZER"),
+                    reason="set NCA_LLAMA3_TOKENIZER=path/to/llama3/tokenizer.model")
 def test_real_llama3_tokenizer_gives_metas_ids():
     tok = data.load_tokenizer(os.environ["NCA_LLAMA3_TOKENIZER"])
     assert [tok.bos_id] + tok.encode("This is a test sentence.") == [128000, 2028, 374, 264, 1296, 11914, 13]
@@ -225,7 +249,7 @@ def test_real_llama3_tokenizer_gives_metas_ids():
         (128001, 128009, 128006, 128256)
 
 
-TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"  # tekken_240718.json's
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"  # tekken_240718's
                   r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
                   r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -233,12 +257,13 @@ TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
 def _write_tekken(path, special_tokens=None):
     import base64
     tokens = [bytes([b]) for b in range(256)] + [b"ab", b"abc", b"zz"]
-    model = {"config": {"pattern": TEKKEN_PATTERN,
-                        "num_vocab_tokens": len(tokens), "default_vocab_size": 24 + 258, "default_num_special_tokens": 24,
-                        "version": "v3"},
-             "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None} for r, t in enumerate(tokens)]}
+    model = {"config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": len(tokens), "default_vocab_size": 24 + 258,
+                        "default_num_special_tokens": 24, "version": "v3"},
+             "vocab": [{"rank": r, "token_bytes": base64.b64encode(t).decode(), "token_str": None}
+                       for r, t in enumerate(tokens)]}
     if special_tokens:
-        model["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(special_tokens)]
+        model["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True}
+                                   for i, s in enumerate(special_tokens)]
     path.write_text(json.dumps(model))
 
 
@@ -254,7 +279,8 @@ def test_tekken_reader_on_a_small_file_in_its_format(tmp_path):
     assert data.load_tokenizer(tmp_path / "tekken.json").pad_id == 3
 
 
-@pytest.mark.skipif(not os.environ.get("NCA_TEKKEN_TOKENIZER"), reason="set NCA_TEKKEN_TOKENIZER=path/to/tekken_240718.json")
+@pytest.mark.skipif(not os.environ.get("NCA_TEKKEN_TOKENIZER"),
+                    reason="set NCA_TEKKEN_TOKENIZER=path/to/tekken_240718.json")
 def test_real_tekken_gives_mistral_commons_ids():
     tok = data.load_tokenizer(os.environ["NCA_TEKKEN_TOKENIZER"])
     assert [tok.bos_id] + tok.encode("This is a test sentence.") == [1, 4380, 1395, 1261, 2688, 19286, 1046]
@@ -266,6 +292,9 @@ def test_byte_tokenizer_is_utf8_bytes_plus_three_specials():
     assert tok.encode("hé!") == [104, 0xC3, 0xA9, 33]
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
     assert tok.decode([104, 0xC3, 0xA9, 257]) == "hé<|eos|>"
+    for bad in (259, -1):  # -1 would silently decode the last token
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range for tokenizer 'byte'"):
+            tok.decode([104, bad])
 
 
 def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
@@ -291,31 +320,61 @@ def test_templates_render_the_reference_chat_formats():
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
         "<|eot_id|>")
-    assert data.render("mistral", chat + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]) == (
-        "[INST] Be brief.\n\nHi [/INST]Yo</s>[INST] Bye [/INST]", "</s>")
+    assert data.render("mistral", chat + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]) \
+        == ("[INST] Be brief.\n\nHi [/INST] Yo</s>[INST] Bye [/INST]", "</s>")
     assert data.render("zephyr", chat) == ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n", "</s>")
     assert data.render("chatml", "Hi") == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
     assert data.render("none", "Hi") == ("Hi", None)
 
 
-@pytest.mark.parametrize("template", ["none", "mistral", "zephyr", "llama3"])
-def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(sp_v1, template):
+def test_earlier_mistral_assistant_turns_get_the_tokens_of_a_scored_response(sp_v1):
+    # mistral-common v1 encodes each user turn "[INST] ... [/INST]" and each assistant turn on its own,
+    # then appends EOS to the assistant's; the response a model is trained on is encoded on its own too
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo there"},
+            {"role": "user", "content": "Bye"}]
+    want = sp_v1.encode("[INST] Hi [/INST]") + sp_v1.encode("Yo there") + [2] + sp_v1.encode("[INST] Bye [/INST]")
+    assert sp_v1.encode(data.render("mistral", chat)[0], special=True) == want
+
+
+@pytest.fixture(scope="module")
+def template_tokenizers(sp_v1, tmp_path_factory):
+    """Each template with a tokeniser whose special tokens include its end-of-turn marker."""
+    d = tmp_path_factory.mktemp("tok")
+    _write_tiktoken_file(d / "tokenizer.model", [b"is", b"Th", b"This", b" is", b" t", b"es"])
+    _write_tekken(d / "tekken.json", ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"])
+    return {"none": sp_v1, "mistral": sp_v1, "zephyr": sp_v1, "llama3": data.load_tokenizer(d / "tokenizer.model"),
+            "chatml": data.load_tokenizer(d / "tekken.json")}
+
+
+@pytest.mark.parametrize("template", ["none", "mistral", "zephyr", "llama3", "chatml"])
+def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(template_tokenizers, template):
+    tok = template_tokenizers[template]
     examples = [data.Example("What is 2+2?", ["4", "Four, of course."], [1.0, 0.0]),
                 data.Example([{"role": "user", "content": "Say hi"}], [" hi  there", "Hello!\n"], [0.5, 2.0])]
-    batch = data.collate(examples, sp_v1, template=template, max_length=512, max_prompt_length=256)
+    batch = data.collate(examples, tok, template=template, max_length=512, max_prompt_length=256)
     assert batch["tokens"].shape[0] == 4 and batch["rewards"].tolist() == [[1.0, 0.0], [0.5, 2.0]]
+    eot = data.render(template, "")[1]
+    end = [tok.eos_id] if eot in (None, "</s>") else [tok.special_ids[eot]]  # one token: the marker or EOS
+    assert data.end_of_turn(tok, template) == end
     for b, ex in enumerate(examples):
-        text, eot = data.render(template, ex.prompt)
-        prompt = [sp_v1.bos_id] + sp_v1.encode(text, special=template != "none")
-        end = sp_v1.encode(eot, special=True) if eot else [sp_v1.eos_id]
-        assert end == data.end_of_turn(sp_v1, template) == ([2] if template != "llama3" else sp_v1.encode("<|eot_id|>"))
+        prompt = [tok.bos_id] + tok.encode(data.render(template, ex.prompt)[0], special=template != "none")
         for k, y in enumerate(ex.responses):
             row, mask = batch["tokens"][b * 2 + k], batch["loss_mask"][b * 2 + k]
-            assert row[mask].tolist() == sp_v1.encode(y) + end
+            assert row[mask].tolist() == tok.encode(y) + end
             assert row[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()
-            n = len(prompt) + len(sp_v1.encode(y) + end)
-            assert (row[n:] == sp_v1.pad_id).all() and not mask[n:].any()
+            n = len(prompt) + len(tok.encode(y) + end)
+            assert (row[n:] == tok.pad_id).all() and not mask[n:].any()
     assert batch["tokens"].shape[1] == max(int(m.nonzero().max()) + 1 for m in batch["loss_mask"])  # no extra padding
+
+
+def test_an_end_of_turn_marker_that_is_no_special_token_of_the_tokenizer_is_refused(sp_v1):
+    byte = data.load_tokenizer("byte")
+    with pytest.raises(ValueError, match=r"template 'llama3'.*'<\|eot_id\|>' is not a special token of "
+                                         r"tokenizer 'byte'"):
+        data.collate([data.Example("p", ["a"], [0.0])], byte, template="llama3")
+    with pytest.raises(ValueError, match="template 'chatml'.*tokenizer 'mistral_v1.model'"):
+        data.end_of_turn(sp_v1, "chatml")
+    assert data.end_of_turn(byte, "zephyr") == [byte.eos_id]  # "</s>" means the tokeniser's own EOS
 
 
 def test_truncation_keeps_bos_and_prompt_end_and_the_response_start():
@@ -348,3 +407,5 @@ def test_batches_are_a_deterministic_per_epoch_shuffle_grouped_by_k():
     assert sorted(i for b in first for i in b) == list(range(10))  # every example once per epoch
     assert all(len({len(examples[i].responses) for i in b}) == 1 for b in first)
     assert sorted(map(len, first)) == [1, 3, 3, 3]
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        data.batches(examples, 0)

@@ -11,16 +11,6 @@ from model import PRESETS, Transformer
 ARGS = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: a second thread only adds OpenMP barrier waits, which stall every op
-    when the cores are shared (3x slower file on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0, **changes):
     torch.manual_seed(seed)
     return Transformer(dataclasses.replace(ARGS, **changes))
@@ -91,6 +81,18 @@ def test_merged_outputs_equal_unmerged_and_unmerge_restores_the_base():
     torch.testing.assert_close(model.layers[0].feed_forward.w2.weight, base_w, rtol=0, atol=1e-6)
 
 
+def test_bf16_unmerge_restores_the_base_only_up_to_two_bf16_roundings():
+    # the documented limit of unmerge: W' = bf16(bf16(W + D) - D), D = (alpha/r) B A in float32
+    model = lora.inject(tiny().bfloat16(), r=4, alpha=8.0)
+    randomize_adapters(model)
+    layer = model.layers[0].feed_forward.w2
+    w, d = layer.weight.float().clone(), layer.delta_weight()
+    lora.unmerge(lora.merge(model))
+    err = (layer.weight.float() - w).abs()
+    assert not torch.equal(layer.weight.float(), w)  # not exact...
+    assert (err <= 2**-7 * ((w + d).abs() + w.abs())).all()  # ...but within two roundings of relative 2^-8
+
+
 def test_gradients_reach_only_adapters_and_an_optimizer_step_changes_nothing_else():
     model = lora.inject(tiny(), targets=("q", "v", "down"), r=4, alpha=8.0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -129,12 +131,20 @@ def test_loading_an_adapter_into_another_shape_or_targets_fails_clearly(tmp_path
         lora.load_adapter(lora.inject(tiny(), targets=("q",), r=4, alpha=8.0), path)
     with pytest.raises(ValueError, match="r=4 but the model's adapters have r=8"):
         lora.load_adapter(lora.inject(tiny(), targets=("q", "v"), r=8, alpha=8.0), path)
-    with pytest.raises(ValueError, match=r"layers.0.attention.wq: adapter was saved for .* \[\d+, \d+\] but the model has \[\d+, \d+\]"):
+    shape = r"\[\d+, \d+\]"
+    with pytest.raises(ValueError, match=f"layers.0.attention.wq: adapter was saved for .* {shape} "
+                                         f"but the model has {shape}"):
         lora.load_adapter(tiny(dim=2 * ARGS.dim), path)
     with pytest.raises(ValueError, match=f"layers.{ARGS.n_layers}.attention.wq: .* absent"):
         lora.load_adapter(tiny(n_layers=ARGS.n_layers + 1), path)
     with pytest.raises(ValueError, match="unknown"):
         lora.inject(tiny(), targets=("q", "query"))
+    for r in (4.0, 0):
+        with pytest.raises(ValueError, match=f"LoRA rank r must be an integer >= 1, got {r}"):
+            lora.inject(tiny(), r=r)
+    for alpha in (float("nan"), 0.0, float("inf")):
+        with pytest.raises(ValueError, match=f"LoRA alpha must be a finite number > 0 .* got {alpha}"):
+            lora.inject(tiny(), alpha=alpha)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: cannot read as a LoRA adapter"):
         lora.load_adapter(tiny(), tmp_path / "junk.pt")

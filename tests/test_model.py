@@ -118,12 +118,15 @@ def test_sliding_window_changes_only_positions_beyond_the_window():
 
 def test_activation_checkpointing_gives_identical_loss_and_gradients():
     x = torch.randint(0, 512, (2, 10))
-    grads = []
+    losses, grads = [], []
     for flag in (False, True):
         m = tiny().train()
         m.checkpoint_activations = flag
-        m(x).logsumexp(-1).mean().backward()
+        loss = m(x).logsumexp(-1).mean()
+        loss.backward()
+        losses.append(loss.detach())
         grads.append([p.grad for p in m.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
@@ -170,11 +173,24 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     assert torch.equal(model.sample(logits[:2], temperature=1.0, top_p=1e-6, generator=g), torch.zeros(2).long())
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_p_exactly():
+    # HF's TopPLogitsWarper: token 0 alone holds 0.5 = top_p, so token 1 is cut (mass before it reaches p)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(200, 3)
+    draws = model.sample(logits, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert (draws == 0).all()
+
+
 def test_sampled_generation_is_reproducible_with_a_generator():
     m = tiny()
     runs = [generate(m, [[1, 2], [3]], max_new_tokens=5, temperature=1.0, top_p=0.9,
                      generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert runs[0] == runs[1] and all(len(r) == 5 for r in runs[0])
+
+
+def test_generate_refuses_a_token_id_outside_the_vocabulary():
+    for bad in (512, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is out of range .*0 .. 511"):
+            generate(tiny(), [[1, 2], [3, bad]], max_new_tokens=2)
 
 
 # ----------------------------------------------------------------------------- corrupt files
@@ -197,6 +213,7 @@ F32x6 = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
     (st({"a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': unknown dtype 'F7'"),
     (st({"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': .* needs 16 bytes"),
     (st({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': expected {dtype"),
+    (st({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': expected {dtype"),
     (st(b"{not json"), "not valid JSON"),
 ])
 def test_corrupt_safetensors_give_a_clear_error_naming_file_and_tensor(tmp_path, raw, message):
@@ -232,6 +249,29 @@ def edit_checkpoint(tmp_path, edit):
 def test_checkpoint_that_disagrees_with_its_config_is_refused_by_name(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         model.load(edit_checkpoint(tmp_path, edit))
+
+
+def test_tied_checkpoint_that_also_stores_the_head_loads_if_it_is_the_embedding(tmp_path):
+    # some HF checkpoints with tie_word_embeddings keep a copy of the embedding as lm_head.weight
+    d = edit_checkpoint(tmp_path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    m = model.load(d)
+    assert m.output.weight is m.tok_embeddings.weight
+    assert torch.equal(m.output.weight, model.load(FIXTURES / "llama" / "hf").tok_embeddings.weight)
+    d = edit_checkpoint(tmp_path / "other", lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+    with pytest.raises(ValueError, match="'lm_head.weight' differs from 'model.embed_tokens.weight'.*ties them"):
+        model.load(d)
+
+
+@pytest.mark.parametrize("field, value, ours", [("num_attention_heads", 0, "n_heads"), ("vocab_size", -1, "vocab_size"),
+                                               ("num_hidden_layers", 0, "n_layers")])
+def test_non_positive_sizes_in_a_config_name_the_file_and_the_field(tmp_path, field, value, ours):
+    d = shutil.copytree(FIXTURES / "llama" / "hf", tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ValueError, match=f"config.json: ModelArgs: {ours} must be a positive integer, got {value}"):
+        model.load(d)
+    with pytest.raises(ValueError, match="ModelArgs: n_heads must be a positive integer, got 0"):
+        ModelArgs(n_heads=0)
 
 
 def test_bad_config_and_index_give_clear_errors(tmp_path):

@@ -9,7 +9,6 @@ import torch
 
 from toy import bandit as tb
 
-torch.set_num_threads(1)
 CURVES = tb.PRESETS["curves"]
 SEEDS = range(5)
 
@@ -73,6 +72,13 @@ def test_make_pairs_builds_the_paper_baselines_and_drops_ties():
     assert (rewards[rows, cols[:, 0]] > rewards[rows, cols[:, 1]]).all()
 
 
+def test_make_pairs_of_all_tied_rewards_gives_empty_index_tensors():
+    rows, cols = tb.make_pairs(torch.tensor([[1.0, 1.0], [2.0, 2.0]]), "dpo_all", torch.Generator())
+    assert rows.dtype == cols.dtype == torch.long and rows.shape == (0,) and cols.shape == (0, 2)
+    idx = torch.arange(4).view(2, 2)
+    assert idx[rows.unsqueeze(1), cols].shape == (0, 2)  # as train() indexes the K responses with them
+
+
 def test_experiments_are_deterministic_for_a_fixed_seed(tmp_path):
     cfg = replace(CURVES, seeds=2, steps=20)
 
@@ -93,5 +99,6 @@ def test_experiments_are_deterministic_for_a_fixed_seed(tmp_path):
 def test_full_curves_budget_keeps_the_signs_on_20_seeds():
     seeds = range(20)
     for loss, sign in (("dpo", -1), ("infonca", -1), ("nca", 1)):
-        v = torch.tensor([tb.train(tb.make_bandit(CURVES, s), loss, "shared", CURVES, s)[0][-1, 0].item() for s in seeds])
+        v = torch.tensor([tb.train(tb.make_bandit(CURVES, s), loss, "shared", CURVES, s)[0][-1, 0].item()
+                          for s in seeds])
         assert (sign * v > 0).all(), (loss, v)

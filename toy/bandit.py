@@ -110,7 +110,8 @@ def make_pairs(rewards, mode, g):
             if rewards[b, w] > rewards[b, l]:
                 rows.append(b)
                 cols.append((w, l))
-    return torch.tensor(rows), torch.tensor(cols).view(-1, 2)
+    # dtype: with every pair tied the lists are empty, and torch.tensor([]) would be float (no index)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long).view(-1, 2)
 
 
 # ----------------------------------------------------------------------------- policies and training
@@ -182,11 +183,12 @@ def curves(cfg, out):
     losses = list(nca.LOSSES)
     fig, axes = plt.subplots(len(POLICIES), 2, figsize=(10, 3.2 * len(POLICIES)), sharex=True)
     print(f"{'policy':8} {'loss':9} {'chosen':>14} {'rejected':>15} {'E_pi[r]':>8} {'KL(pi||mu)':>10}")
+    bandits = [make_bandit(cfg, s) for s in range(cfg.seeds)]  # train() only reads them: one per seed serves all
     for i, policy in enumerate(POLICIES):
         for loss in losses:
-            runs = [train(make_bandit(cfg, s), loss, policy, cfg, s) for s in range(cfg.seeds)]
-            h = torch.stack([hist for hist, _ in runs])  # [seeds, steps + 1, 2]
-            ev = torch.tensor([evaluate(make_bandit(cfg, s), lp) for s, (_, lp) in enumerate(runs)])
+            runs = [train(b, loss, policy, cfg, s) for s, b in enumerate(bandits)]
+            h = torch.stack([hist for hist, _ in runs])  # [seeds, steps + 1, 3]: chosen, rejected, KL
+            ev = torch.tensor([evaluate(b, lp) for b, (_, lp) in zip(bandits, runs)])  # [seeds, 2]
             mean, std = h.mean(0), h.std(0)
             for j in range(2):
                 line, = axes[i, j].plot(mean[:, j], label=loss)
@@ -225,8 +227,10 @@ def optimum(cfg, out):
         for K in (4, 16, 64):
             hist, log_pi = train(bandit, loss, "tabular", replace(cfg, K=K, n=4096 // K), 0)
             r_theta = cfg.beta * (log_pi - bandit["log_mu"])  # [X, A]
-            offset = (r_theta - r_alpha).masked_fill(~common, float("nan"))  # InfoNCA: C(x) for every a
-            spread = (offset.nan_to_num(-1e9).amax(-1) - offset.nan_to_num(1e9).amin(-1)).max()
+            offset = r_theta - r_alpha  # InfoNCA: C(x) for every a
+            # max - min over the common actions of each context: -inf / +inf take the rare ones out
+            hi, lo = offset.masked_fill(~common, -math.inf).amax(-1), offset.masked_fill(~common, math.inf).amin(-1)
+            spread = (hi - lo).max()
             absolute = (r_theta - opt_nca)[common].abs().max()
             print(f"{loss:8} {K:3} {hist[-1, 2]:11.2e} {spread:27.3f} {absolute:23.3f}")
             axes[0].semilogy(hist[:, 2], label=f"{loss} K={K}", ls="-" if loss == "nca" else ":")
