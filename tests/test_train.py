@@ -1,0 +1,178 @@
+"""train.py end to end on a tiny model (preset "tiny", byte tokenizer) and a few lines of jsonl in tmp_path."""
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model as model_lib
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls: a second thread only adds spin-waiting, and on a shared machine a lot of it
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_reward_data(path, n=8, K=4):
+    """n prompts 'a+b=' with K responses, the right sum scored highest."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 7, (3 * i) % 5
+            responses = [str(a + b), str(a + b + 1), str(a * b + 7), "no idea"][:K]
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "responses": responses, "rewards": [9, 5, 3, 1][:K]}) + "\n")
+    return str(path)
+
+
+def run(tmp_path, *extra, out="out", data_file=None):
+    data_file = data_file or write_reward_data(tmp_path / "data.jsonl")
+    argv = ["--data", data_file, "--out", str(tmp_path / out), "--max-length", "24", "--max-prompt-length", "8",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "0", "--steps", "4", "--beta", "0.1", *extra]
+    result = train.main(argv)
+    return result, [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")]
+
+
+def losses(rows):
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("loss, extra", [("sft", []), ("dpo", ["--pairs", "dpo"]), ("infonca", []),
+                                         ("nca", []), ("nca_pair", ["--pairs", "dpo_x3"])])
+def test_a_few_steps_of_each_loss_reduce_it(tmp_path, loss, extra):
+    # 8 prompts, 4 per step: steps 1 and 3 see the same 4 prompts (one epoch = 2 steps, reshuffled)
+    _, rows = run(tmp_path, "--loss", loss, *extra, "--batch-size", "8", "--no-export")
+    first, *_, last = losses(rows)
+    assert last < first - 1e-3, losses(rows)
+
+
+def test_lora_trains_only_adapters_and_exports_merged_hf_checkpoint(tmp_path):
+    result, rows = run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--lora-targets", "q,v", "--lr", "1e-2")
+    assert losses(rows)[-1] < losses(rows)[0]
+    torch.manual_seed(0)
+    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    final = model_lib.load(tmp_path / "out" / "final").state_dict()
+    changed = {k for k in base if not torch.equal(base[k], final[k])}
+    assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(2) for w in ("wq", "wv")}
+    cfg = json.loads((tmp_path / "out" / "final" / "config.json").read_text())
+    assert cfg["nca_tokenizer"] == "byte" and cfg["nca_template"] == "none"
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+
+
+def test_qlora_exports_the_adapters_merged_into_the_16_bit_base(tmp_path):
+    run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--quantize", "4bit", "--lr", "1e-2", "--steps", "2")
+    torch.manual_seed(0)
+    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    final = model_lib.load(tmp_path / "out" / "final").state_dict()
+    w = "layers.0.attention.wq.weight"
+    assert 0 < (final[w] - base[w]).abs().max() < 0.1  # base + small update, not requantised
+    assert torch.equal(final["tok_embeddings.weight"], base["tok_embeddings.weight"])
+
+
+def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_init(tmp_path):
+    run(tmp_path, "--loss", "infonca", "--steps", "2")
+    torch.manual_seed(0)
+    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    final = model_lib.load(tmp_path / "out" / "final").state_dict()
+    assert all(not torch.equal(base[k], final[k]) for k in base if "norm" not in k)
+    # OUT of a run is a valid --init: the next stage starts from its final model and tokenizer
+    result, _ = run(tmp_path, "--init", str(tmp_path / "out"), "--loss", "sft", "--steps", "1", out="out2")
+    assert "loss" in result
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_path, monkeypatch):
+    _, whole = run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", out="whole")
+    append = train.append_jsonl
+
+    def crash_after_step_3(path, record):
+        append(path, record)
+        if record["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train, "append_jsonl", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", out="cut")
+    monkeypatch.setattr(train, "append_jsonl", append)
+    _, resumed = run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", "--resume",
+                     out="cut")
+    assert [r["step"] for r in resumed if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    assert losses(resumed) == losses(whole)  # exactly, on CPU
+    assert [r["grad_norm"] for r in resumed if r["split"] == "train"] == \
+           [r["grad_norm"] for r in whole if r["split"] == "train"]
+
+
+def test_precomputed_reference_equals_on_the_fly_and_is_reused_until_the_data_changes(tmp_path, monkeypatch):
+    path = write_reward_data(tmp_path / "data.jsonl", n=5, K=3)
+    args = train.parse_args(["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--batch-size", "2"])
+    args.tokenizer_spec, args.template_name, args.device = "byte", "none", "cpu"
+    examples = train.prepare_examples(path, args, "--data")
+    tok = data.load_tokenizer("byte")
+    torch.manual_seed(0)
+    model = model_lib.Transformer(model_lib.PRESETS["tiny"])
+    ref = train.reference_cache(model, examples, tok, args, path, ["key"], nullcontext, 0, 1)
+    with torch.no_grad():  # on the fly: one prompt at a time, so other padding than the cached batches of 2
+        for i, e in enumerate(examples):
+            b = train.collate([e], tok, args)
+            torch.testing.assert_close(ref[i], train.batch_logps(model, b["tokens"], b["loss_mask"]), rtol=0, atol=1e-5)
+    monkeypatch.setattr(train, "batch_logps", None)  # a second call must read the file, not compute
+    assert torch.equal(train.reference_cache(model, examples, tok, args, path, ["key"], nullcontext, 0, 1), ref)
+    with pytest.raises(TypeError):  # other model key (or data, tokenizer, lengths): other file, recomputed
+        train.reference_cache(model, examples, tok, args, path, ["other weights"], nullcontext, 0, 1)
+    with pytest.raises(TypeError):
+        train.reference_cache(model, examples[1:], tok, args, path, ["key"], nullcontext, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, mode):
+    # 2 ranks x 2 prompts (reference precomputed by both ranks) vs 1 process x 4 prompts (frozen copy)
+    path = write_reward_data(tmp_path / "data.jsonl")
+    common = ["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--lr", "3e-3", "--warmup", "0",
+              "--steps", "2", "--beta", "0.1", "--loss", "nca"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "train.py"), *common, "--batch-size", "2", "--dist", mode, "--out", str(tmp_path / "two")],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
+    train.main([*common, "--batch-size", "4", "--ref", "copy", "--out", str(tmp_path / "one")])
+    rows = {n: [json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two")}
+    torch.testing.assert_close(losses(rows["two"]), losses(rows["one"]), rtol=0, atol=1e-6)
+    # Adam divides by sqrt(v): float reordering of the sharded gradient sums shows at ~1e-6 in the weights
+    two, one = (model_lib.load(tmp_path / n / "final").state_dict() for n in ("two", "one"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such file"), ("loss", "invalid choice"), ("k_mismatch", "K = 3"), ("dpo_k4", "--pairs"),
+    ("too_long", "max_seq_len"), ("other_shape", "was saved for model"), ("nan", "non-finite")])
+def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
+    path = write_reward_data(tmp_path / "data.jsonl")
+    args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
+            "dpo_k4": ["--loss", "dpo"], "too_long": ["--max-length", "4096"], "nan": ["--lr", "1e30"],
+            "k_mismatch": [], "other_shape": ["--resume"]}[case]
+    if case == "k_mismatch":
+        with open(path, "a") as f:
+            f.write(json.dumps({"prompt": "1+1=", "responses": ["2", "3", "4"], "rewards": [3, 2, 1]}) + "\n")
+    if case == "other_shape":  # a checkpoint from a tiny model, resumed with a differently shaped --init
+        run(tmp_path, "--steps", "1", "--no-export")
+        other = model_lib.Transformer(model_lib.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300,
+                                                          hidden_dim=64, max_seq_len=256))
+        model_lib.save_hf(other, tmp_path / "other")
+        args += ["--init", str(tmp_path / "other")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *args, "--save-every", "1", "--no-export", data_file=path)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    if case == "nan":  # the blown-up step never reached the checkpoint: it holds step 1's finite weights
+        ckpt = torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)
+        assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
