@@ -11,17 +11,308 @@ import torch
 
 # ----------------------------------------------------------------------------- logprob (nca.py)
 # (section owned by the fused-kernel work)
+def logprob_variants(N, d, V, *, frozen, device, dtype):
+    """name -> fwd+bwd closure over the same inputs, and the inputs' gradient sink to reset."""
+    import torch.nn.functional as F
+
+    import nca
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(N, d, generator=gen).to(device, dtype).requires_grad_()
+    W = (torch.randn(V, d, generator=gen) / d ** 0.5).to(device, dtype).requires_grad_(not frozen)
+    t = torch.randint(0, V, (N,), generator=gen).to(device)
+    g = torch.randn(N, generator=gen).to(device)  # d loss / d log p_n: differs per row, as in training
+    ones = torch.ones(1, N, dtype=torch.bool, device=device)
+    lce_options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+
+    @torch.no_grad()
+    def floor():  # the matmuls alone, as written: h @ W.T, dz @ W and (W trained) dz.T @ h
+        z = h @ W.T  # [N, V], standing in for dz
+        h.grad, W.grad = z @ W, None if frozen else z.T @ h
+
+    @torch.no_grad()
+    def floor_chunked():  # the same matmuls chunk by chunk into reused buffers: the tightest floor
+        z, h.grad = torch.empty(min(nca.CHUNK, N), V, device=device, dtype=dtype), torch.empty_like(h)
+        W.grad = None if frozen else torch.zeros_like(W)
+        for i in range(0, N, nca.CHUNK):
+            h_c = h[i:i + nca.CHUNK]
+            torch.mm(h_c, W.T, out=z[:len(h_c)])
+            torch.mm(z[:len(h_c)], W, out=h.grad[i:i + nca.CHUNK])
+            if not frozen:
+                W.grad.addmm_(z[:len(h_c)].T, h_c)
+
+    variants = {
+        "reference": lambda: (nca.sequence_logps(h[None], W, t[None], ones, impl="reference") @ g[:1]).backward(),
+        "fused": lambda: (nca.FusedLogp.apply(h, W, t, frozen, nca.CHUNK) @ g).backward(),
+        "torch F.linear_cross_entropy": lambda: (F.linear_cross_entropy(h, W, t, reduction="none") @ -g).backward(),
+        "floor: matmuls, full [N, V]": floor,
+        f"floor: matmuls, {nca.CHUNK}-row chunks": floor_chunked,
+    }
+    if lce_options is not None:  # torch >= 2.13: the chunked path, recomputing in backward for "none"
+        variants["torch F.linear_cross_entropy chunked"] = lambda: (F.linear_cross_entropy(
+            h, W, t, reduction="none", options=lce_options()) @ -g).backward()
+    return variants, (h, W)
+
+
+def logprob_peak_bytes(N, d, V, *, frozen, device, dtype, name):
+    """Peak memory of one fwd+bwd of one variant above its inputs and the gradients it leaves.
+    CUDA: the allocator's peak.
+    CPU: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs), run in
+    a fresh process per variant so no freed-but-kept heap of another variant hides an allocation."""
+    variants, (h, W) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
+    kept = lambda: sum(x.grad.nbytes for x in (h, W) if x.grad is not None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        variants[name]()
+        return torch.cuda.max_memory_allocated() - before - kept()
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    variants[name]()
+    return status("VmHWM:") - before - kept()
+
+
+def bench_logprob(argv):
+    """Fused log-probs vs the reference, torch's linear_cross_entropy and the matmul floor."""
+    import statistics
+    import subprocess
+    import time
+
+    import nca
+    p = argparse.ArgumentParser(prog="bench.py logprob")
+    p.add_argument("--shapes", default="2048,512,32000;4096,1024,32000;2048,1024,128256", help="N,d,V;...")
+    p.add_argument("--reps", type=int, default=3, help="timed rounds per variant (median), after a warm-up")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (e.g. --device cuda --dtype bfloat16)")
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: "N,d,V,frozen,name" in a fresh process
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.peak_of:
+        N, d, V, frozen, name = args.peak_of.split(",", 4)
+        print(logprob_peak_bytes(int(N), int(d), int(V), frozen=frozen == "1", device=device, dtype=dtype, name=name))
+        return
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"fwd+bwd of per-token log p, {args.dtype} on {args.device}, {args.threads} threads, median of {args.reps}")
+    print("peak = memory above the inputs and the gradients left in h.grad / W.grad (the workspace), "
+          + ("the CUDA allocator's peak" if device.type == "cuda" else "resident high-water mark, a fresh process each"))
+    for shape in args.shapes.split(";"):
+        N, d, V = map(int, shape.split(","))
+        for frozen in (False, True):
+            variants, (h, W) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
+            times = {name: [] for name in variants}
+            for i in range(args.reps + 1):  # interleaved rounds: machine noise hits every variant alike
+                for name, run in variants.items():
+                    h.grad = W.grad = None
+                    sync()
+                    t0 = time.perf_counter()
+                    run()
+                    sync()
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+            del variants, h, W
+            peak = {}
+            for name in times:
+                if device.type == "cuda":
+                    peak[name] = logprob_peak_bytes(N, d, V, frozen=frozen, device=device, dtype=dtype, name=name)
+                else:
+                    cmd = [sys.executable, __file__, "logprob", "--threads", str(args.threads), "--dtype", args.dtype,
+                           "--peak-of", f"{N},{d},{V},{int(frozen)},{name}"]
+                    peak[name] = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            t = {name: statistics.median(ts) for name, ts in times.items()}
+            floor, chunked, ref = t["floor: matmuls, full [N, V]"], t[f"floor: matmuls, {nca.CHUNK}-row chunks"], t["reference"]
+            print(f"\n(N, d, V) = ({N}, {d}, {V}), W {'frozen' if frozen else 'trained'}")
+            print(f"  {'':38s} {'seconds':>8s} {'/floor':>7s} {'/chunked':>8s} {'/ref':>6s} {'peak MiB':>9s} {'/ref':>6s}")
+            for name in t:
+                print(f"  {name:38s} {t[name]:8.3f} {t[name] / floor:7.2f} {t[name] / chunked:8.2f} {t[name] / ref:6.2f} "
+                      f"{peak[name] / 2**20:9.0f} {peak[name] / peak['reference']:6.3f}")
 
 
 # ----------------------------------------------------------------------------- lora (lora.py)
 # (section owned by the LoRA work)
+def lora_memory(preset, r):
+    """Bytes of the frozen weights of a whole model built on the meta device (shapes only, no RAM):
+    the adapted linears in bf16 vs NF4; embeddings, norms and the LM head stay bf16 (as in QLoRA)."""
+    import lora
+    from model import PRESETS, Transformer
+    with torch.device("meta"):
+        model = Transformer(PRESETS[preset]).to(torch.bfloat16)
+    whole = sum(p.numel() for p in model.parameters()) * 2
+    mods = lora.lora_modules(lora.inject(model, r=r, alpha=2.0 * r)).values()
+    linears = sum(m.weight.numel() for m in mods) * 2
+    lora.quantize_4bit(model)
+    nf4 = sum(m.weight_nf4.nbytes + m.weight_absmax.nbytes for m in mods)
+    return whole, linears, nf4, lora.count_parameters(model)[0]
+
+
+def lora_time(out_f, in_f, *, tokens, r, reps, device, dtype):
+    """Median forward+backward seconds of one [out, in] projection per variant, interleaved rounds."""
+    import copy
+    import statistics
+    import time
+
+    import lora
+    trainable = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    frozen = copy.deepcopy(trainable).requires_grad_(False)
+    adapted = lora.LoRALinear(copy.deepcopy(frozen), r, 2.0 * r)
+    nf4 = lora.quantize_4bit(lora.LoRALinear(copy.deepcopy(frozen), r, 2.0 * r))
+    variants = {"linear, frozen": frozen, "linear, trained (full FT)": trainable, f"LoRA r={r}": adapted,
+                f"LoRA r={r} on NF4 base": nf4}
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)  # grad to x, as inside a model
+    gy = torch.randn(tokens, out_f, device=device, dtype=dtype)
+    times = {name: [] for name in variants}
+    for i in range(reps + 1):                          # round 0 warms up
+        for name, layer in variants.items():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            layer(x).backward(gy)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_lora(argv):
+    p = argparse.ArgumentParser(prog="bench.py lora")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128, help="rows of x per forward (batch * sequence)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads: with 1, a core busy with other work "
+                   "cannot stall every small op at an OpenMP barrier (seen on a shared 2-core machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # CPU bf16 matmuls are not representative
+    from model import PRESETS
+    print(f"## frozen weights, LoRA r={args.r} on q,k,v,o,gate,up,down (model built on the meta device)\n")
+    print("| model | params | linears bf16 | linears NF4 | ratio | whole model bf16 | with NF4 linears | ratio | adapter params (bf16) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset in ("tiny", "mistral-7b"):
+        whole, linears, nf4, trainable = lora_memory(preset, args.r)
+        with_nf4 = whole - linears + nf4
+        gb = lambda n: f"{n / 2**30:.3f} GiB" if n > 2**28 else f"{n / 2**20:.2f} MiB"
+        print(f"| {preset} | {whole / 2e6:.2f} M | {gb(linears)} | {gb(nf4)} | {linears / nf4:.2f}x | {gb(whole)} "
+              f"| {gb(with_nf4)} | {whole / with_nf4:.2f}x | {trainable:,} = {gb(2 * trainable)} |")
+    print(f"\n## forward+backward of one projection, {args.tokens} tokens, {dtype}, {device}, {args.threads} thread(s) "
+          f"(median of {args.reps} interleaved rounds; ratio vs the frozen linear)\n")
+    print("| layer [out, in] | variant | ms | ratio |")
+    print("|---|---|---|---|")
+    for preset in ("tiny", "mistral-7b"):
+        a = PRESETS[preset]
+        reps = args.reps * 10 if preset == "tiny" else args.reps    # tiny layers are fast and noisy
+        times = lora_time(a.dim, a.dim, tokens=args.tokens, r=args.r, reps=reps, device=device, dtype=dtype)
+        for name, t in times.items():
+            print(f"| {preset} wq [{a.dim}, {a.dim}] | {name} | {t * 1e3:.2f} | {t / times['linear, frozen']:.2f}x |")
 
 
 # ----------------------------------------------------------------------------- train (train.py)
 # (section owned by the training work)
+TRAIN_VARIANTS = {
+    "plain, frozen copy": "a plain loop: full [B*K, T, V] logits, log_softmax, gather; reference = frozen copy",
+    "plain, precomputed": "the same loop, reference log-probs read from a precomputed cache",
+    "train.py": "train.batch_logps (one forward, nca's fused log-prob) + precomputed reference",
+}
 
 
-BENCHES = {}
+def train_variant(variant, vocab, steps, threads):
+    """Run in a fresh process (so ru_maxrss is this variant's own peak): tokens/s of full training steps
+    (forward, NCA loss, backward, AdamW) on a dim-256 Llama-shaped model, 8 pairs of 64 + 192 tokens."""
+    import copy
+    import json
+    import resource
+    import time
+
+    import nca
+    import train
+    from model import ModelArgs, Transformer
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=688, vocab_size=vocab,
+                                  max_seq_len=256))
+    ref_model = copy.deepcopy(model).requires_grad_(False) if variant == "plain, frozen copy" else None
+    B, K, P, R = 8, 2, 64, 192
+    tokens = torch.randint(0, vocab, (B * K, P + R))  # [B*K, T]
+    mask = torch.zeros(B * K, P + R, dtype=torch.bool)
+    mask[:, P:] = True  # the response tokens are scored
+    rewards = torch.tensor([[1.0, 0.0]] * B)  # [B, K]
+    cached_ref = torch.randn(B, K) - 400  # what a precomputed cache hands over: a lookup
+
+    def plain_logps(m):
+        logits = m(tokens[:, :-1]).float()  # [B*K, T-1, V]
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        return (logp * mask[:, 1:]).sum(-1).view(B, K)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    times = []
+    for i in range(steps + 1):  # step 0 warms up (allocator, first-touch pages)
+        t0 = time.perf_counter()
+        if variant == "train.py":
+            logps, ref = train.batch_logps(model, tokens, mask).view(B, K), cached_ref
+        else:
+            logps = plain_logps(model)
+            if ref_model is None:
+                ref = cached_ref
+            else:
+                with torch.no_grad():
+                    ref = plain_logps(ref_model)
+        nca.nca_loss(logps, ref, rewards, alpha=0.01, beta=0.01).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times[1:])[len(times[1:]) // 2]  # median
+    print(json.dumps({"tokens_per_s": B * K * (P + R) / step_s, "step_s": step_s,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_train(argv):
+    """python bench.py train [--vocab 32000 128256] [--steps 2] [--rounds 2] [--threads 2]"""
+    import json
+    import subprocess
+    p = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process (median), after one warm-up")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of all variants, interleaved; best round kept")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = p.parse_args(argv)
+    if args.variant:
+        return train_variant(args.variant, args.vocab[0], args.steps, args.threads)
+    print(f"training step, dim 256, 4 layers, 8 pairs (K = 2) x (64 + 192) tokens, float32, {args.threads} threads; "
+          f"each variant in a fresh process, median of {args.steps} steps, best of {args.rounds} interleaved rounds")
+    for name, what in TRAIN_VARIANTS.items():
+        print(f"  {name:20s} {what}")
+    print(f"{'vocab':>7} {'variant':20s} {'tokens/s':>9} {'peak RSS MB':>12} {'speed x':>8} {'RSS x':>6}")
+    for vocab in args.vocab:
+        rows = {}
+        for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every variant alike
+            for name in TRAIN_VARIANTS:
+                out = subprocess.run([sys.executable, __file__, "train", "--variant", name, "--vocab", str(vocab),
+                                      "--steps", str(args.steps), "--threads", str(args.threads)],
+                                     capture_output=True, text=True, check=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                if name not in rows or r["tokens_per_s"] > rows[name]["tokens_per_s"]:
+                    rows[name] = r
+        base = rows["plain, frozen copy"]
+        for name, r in rows.items():  # ratios against the plain loop with a frozen reference copy
+            print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")
+
+BENCHES = {"logprob": bench_logprob, "lora": bench_lora, "train": bench_train}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

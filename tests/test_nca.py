@@ -130,22 +130,38 @@ def test_metrics_on_a_hand_worked_batch():
     assert m["rewards/accuracies"].item() == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("bad, message", [
+BAD_INPUTS = [
     (dict(policy=torch.zeros(4)), "must be \\[B, K\\]"),
     (dict(ref=torch.zeros(2, 3)), "share one \\[B, K\\] shape"),
-    (dict(policy=torch.zeros(2, 1), ref=torch.zeros(2, 1), rewards=torch.zeros(2, 1)), "K >= 2"),
+    (dict(policy=torch.zeros(2, 1), ref=torch.zeros(2, 1), rewards=torch.zeros(2, 1)), "K >= 2|K = 2"),
     (dict(alpha=-0.1), "alpha"),
     (dict(alpha=float("nan")), "alpha"),
+    (dict(alpha=float("inf")), "alpha"),
     (dict(beta=0.0), "beta"),
+    (dict(beta=-1.0), "beta"),
+    (dict(beta=float("inf")), "beta"),
     (dict(rewards=torch.tensor([[1.0, float("inf")], [0.0, 1.0]])), "rewards must be finite"),
-])
-@pytest.mark.parametrize("loss", ["infonca", "nca"])
-def test_every_input_check_fires_with_its_message(loss, bad, message):
+]
+# dpo, nca_pair and metrics take no reward temperature (alpha is the limit 0, or unused)
+CASES = [(fn, bad, msg) for fn in ("infonca", "nca", "dpo", "nca_pair", "metrics") for bad, msg in BAD_INPUTS
+         if not (fn in ("dpo", "nca_pair", "metrics") and "alpha" in bad)]
+
+
+@pytest.mark.parametrize("fn, bad, message", CASES)
+def test_every_input_check_fires_with_its_message(fn, bad, message):
     args = dict(policy=torch.zeros(2, 2), ref=torch.zeros(2, 2), rewards=torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
                 alpha=0.1, beta=0.1)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        nca.LOSSES[loss](args["policy"], args["ref"], args["rewards"], alpha=args["alpha"], beta=args["beta"])
+        if fn == "metrics":
+            nca.metrics(args["policy"], args["ref"], args["rewards"], beta=args["beta"])
+        else:
+            nca.LOSSES[fn](args["policy"], args["ref"], args["rewards"], alpha=args["alpha"], beta=args["beta"])
+
+
+def test_soft_labels_stay_finite_for_a_tiny_temperature():
+    w = nca.soft_labels(torch.tensor([[1.0, 2.0], [3.0, 3.0]]), 1e-39)
+    assert torch.equal(w, torch.tensor([[0.0, 1.0], [0.5, 0.5]]))
 
 
 @pytest.mark.parametrize("loss", ["dpo", "nca_pair"])

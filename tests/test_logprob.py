@@ -1,0 +1,113 @@
+"""nca.sequence_logps: the fused kernel equals the full-logits reference in value and gradients.
+
+Golden values: float64 finite differences (torch.autograd.gradcheck) for the kernel itself, and the
+readable reference (full logits + log_softmax, differentiated by autograd) for the masked,
+per-sequence version. Shapes are chosen so that N and V are not multiples of the chunk size.
+"""
+import pytest
+import torch
+
+import nca
+
+
+def batch(B=4, T=37, d=16, V=1003, dtype=torch.float32, seed=0):
+    """h [B, T, d], W [V, d], targets [B, T], mask [B, T] with ragged masks and one empty sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
+    W = torch.randn(V, d, generator=gen, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.7
+    mask[1] = False  # a sequence with no scored token: log pi = 0, no gradient
+    return h.to(dtype), W.to(dtype), targets, mask
+
+
+def value_and_grads(impl, h, W, targets, mask, g, **kw):
+    """sequence_logps and the gradients of sum_b g_b log pi_b (g differs per sequence, as in training)."""
+    h = h.detach().clone().requires_grad_()
+    W = W.detach().clone().requires_grad_(W.requires_grad)
+    logps = nca.sequence_logps(h, W, targets, mask, impl=impl, **kw)
+    (logps @ g).backward()
+    return logps, h.grad, W.grad
+
+
+@pytest.mark.parametrize("w_frozen", [False, True])
+def test_fused_kernel_gradients_pass_float64_gradcheck(w_frozen):
+    h, W, targets, _ = batch(B=2, T=11, d=5, V=13, dtype=torch.float64)
+    h, W, targets = h[0].requires_grad_(), W.requires_grad_(not w_frozen), targets[0]
+    # chunk = 4: three chunks, the last one ragged; W frozen forms d log p / d h in forward
+    assert torch.autograd.gradcheck(lambda h, W: nca.FusedLogp.apply(h, W, targets, w_frozen, 4), (h, W))
+
+
+@pytest.mark.parametrize("w_frozen", [False, True])
+def test_fused_equals_reference_float32_with_masks_ragged_chunks_and_per_sequence_grads(w_frozen):
+    h, W, targets, mask = batch()
+    W.requires_grad_(not w_frozen)
+    g = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    ref = value_and_grads("reference", h, W, targets, mask, g)
+    fused = value_and_grads("fused", h, W, targets, mask, g, chunk=16)  # N = mask.sum() is not a multiple of 16
+    assert mask.sum() % 16 != 0 and fused[0].dtype == torch.float32
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert fused[0][1] == 0 and (fused[1][1] == 0).all()  # the empty sequence
+    if w_frozen:
+        assert fused[2] is None
+    else:
+        torch.testing.assert_close(fused[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_bfloat16_is_as_accurate_as_the_reference():
+    h, W, targets, mask = batch(T=64, d=64, V=2051, dtype=torch.bfloat16)
+    W.requires_grad_()
+    g = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    exact = value_and_grads("reference", h.double(), W.double().requires_grad_(), targets, mask, g)  # same numbers
+    ref = value_and_grads("reference", h, W, targets, mask, g)
+    fused = value_and_grads("fused", h, W, targets, mask, g, chunk=48)
+    assert fused[1].dtype == fused[2].dtype == torch.bfloat16
+    for f, r, e in zip(fused, ref, exact):  # bf16 logits keep ~3 digits; sums run in float32
+        error = lambda x: ((x.double() - e).norm() / e.norm()).item()
+        assert error(f) < max(1.25 * error(r), 1e-6) and error(f) < 0.01
+
+
+def test_target_probability_underflowing_float32_is_still_exact():
+    h, W, targets, mask = batch(B=2, T=8, d=8, V=101)
+    W = W * 200  # logits ~ +-1e3: most targets have p < 1e-38 in float32
+    exact = nca.sequence_logps_reference(h.double(), W.double(), targets, mask)  # float64 log_softmax
+    fused = nca.sequence_logps(h, W, targets, mask, impl="fused")
+    assert exact[0] < -1e3 and torch.isfinite(fused).all()
+    torch.testing.assert_close(fused.double(), exact.double(), rtol=1e-5, atol=0)
+
+
+def test_unmasked_positions_never_reach_the_kernel():
+    h, W, targets, mask = batch(B=2, T=9, d=8, V=50)
+    ref = nca.sequence_logps(h, W, targets, mask, impl="reference")
+    h, targets = h.masked_fill(~mask[..., None], float("nan")), targets.masked_fill(~mask, -100)
+    torch.testing.assert_close(nca.sequence_logps(h, W, targets, mask), ref)  # default impl: fused
+
+
+def test_default_impl_is_the_fused_kernel(monkeypatch):
+    calls = []
+    apply = nca.FusedLogp.apply
+    monkeypatch.setattr(nca.FusedLogp, "apply", lambda *a: calls.append(1) or apply(*a))
+    nca.sequence_logps(*batch(B=2, T=5, d=4, V=7))
+    assert calls
+
+
+def test_no_scored_token_at_all_gives_zeros():
+    h, W, targets, mask = batch(B=3, T=5, d=4, V=7)
+    g = torch.ones(3)
+    logps, grad_h, grad_W = value_and_grads("fused", h, W.requires_grad_(), targets, torch.zeros_like(mask), g)
+    assert (logps == 0).all() and (grad_h == 0).all() and (grad_W == 0).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h, W, t, m: (h[0], W, t, m), "h \\[B, T, d\\]"),
+    (lambda h, W, t, m: (h, W[:, :3], t, m), "W \\[V, d\\]"),
+    (lambda h, W, t, m: (h, W, t[:, :2], m), "targets and mask"),
+    (lambda h, W, t, m: (h, W, t, m.float()), "targets and mask"),
+    (lambda h, W, t, m: (h, W, t.masked_fill(m, 7), m), "token ids in \\[0, 7\\)"),
+])
+def test_bad_inputs_raise_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        nca.sequence_logps(*change(*batch(B=2, T=5, d=4, V=7)))
+    with pytest.raises(ValueError, match="unknown sequence_logps impl"):
+        nca.sequence_logps(*batch(B=2, T=5, d=4, V=7), impl="cuda")
