@@ -317,5 +317,6 @@ BENCHES = {"logprob": bench_logprob, "lora": bench_lora, "train": bench_train}
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", choices=sorted(BENCHES))
-    args, rest = p.parse_known_args()
-    BENCHES[args.bench](rest)
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="the benchmark's own flags (bench.py NAME -h)")
+    args = p.parse_args()
+    BENCHES[args.bench](args.flags)
