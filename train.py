@@ -627,7 +627,7 @@ def print_samples(model, tok, examples, args, when):
     batch = collate([data.Example(e.prompt, ["x"], [0.0]) for e in examples], tok, args)
     prompts = [row[:int(m.nonzero()[0])].tolist() for row, m in zip(batch["tokens"], batch["loss_mask"])]
     outs = model_lib.generate(model, prompts, max_new_tokens=min(128, args.max_length - args.max_prompt_length),
-                              eos_id=tok.eos_id)
+                              eos_id=data.end_of_turn(tok, args.template_name))  # stop where training ends a turn
     for e, o in zip(examples, outs):
         # a model whose vocabulary is larger than the tokenizer's (padded presets) may emit ids it cannot decode
         print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.n_vocab])!r}")

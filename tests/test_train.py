@@ -16,15 +16,6 @@ import train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: a second thread only adds spin-waiting, and on a shared machine a lot of it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_reward_data(path, n=8, K=4):
     """n prompts 'a+b=' with K responses, the right sum scored highest."""
     with open(path, "w") as f:
@@ -176,3 +167,12 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     if case == "nan":  # the blown-up step never reached the checkpoint: it holds step 1's finite weights
         ckpt = torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)
         assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_sample_prints_generations_before_and_after_training(tmp_path, capsys):
+    run(tmp_path, "--loss", "nca", "--sample", "2", "--no-export")
+    lines = capsys.readouterr().out.splitlines()
+    before = [l for l in lines if l.startswith("[before]")]
+    after = [l for l in lines if l.startswith("[after]")]
+    assert len(before) == 2 and len(after) == 2, lines
+    assert "+" in before[0] and "->" in before[0]  # the prompt and what the model said to it
