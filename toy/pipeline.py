@@ -1,6 +1,6 @@
 """The paper's pipeline in miniature, on a CPU: SFT -> sample K and score -> align -> evaluate.
 
-    python toy/pipeline.py            # the full table: every method x 3 seeds (~11 min on 2 busy cores)
+    python toy/pipeline.py            # the full table: every method x 3 seeds (~7 min on 2 cores)
     python train.py                   # demo(): one seed, NCA against the SFT model (~1.5 min)
 
 The task is toy/arith.py: chains of additions with a worked answer ("7+15-3=" -> "7+15=22;22-3=19;#19")
