@@ -8,8 +8,8 @@ Read top to bottom:
    file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2) or from nothing
    (bytes, the default for tiny models).
 3. `TEMPLATES` and `render`: chat templates that give the prompt text and the end-of-turn marker.
-4. `collate` and `batches`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K], in a deterministic,
-   resumable order.
+4. `collate`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K] (train.py picks the examples of each
+   step in a seeded, resumable order).
 """
 import base64
 import json
@@ -224,10 +224,6 @@ class Tokenizer:
     sp_ids: list[tuple] | None = None
     dummy_prefix: bool = False
 
-    @property
-    def n_vocab(self):  # tiktoken's name for vocab_size
-        return self.vocab_size
-
     def encode(self, text: str, special=False) -> list[int]:
         """Text -> model ids. Special-token names in `text` stay plain text unless `special`
         (used for template markers); each segment between them is encoded on its own, as
@@ -256,6 +252,9 @@ class Tokenizer:
         return text[1:] if self.dummy_prefix and text.startswith(" ") else text
 
 
+TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken")  # looked for, in this order, in a directory
+
+
 def load_tokenizer(spec="byte") -> Tokenizer:
     """"byte", or a tokenizer file / the checkpoint directory holding it: tekken.json,
     tokenizer.model (Llama 3's tiktoken text or Mistral's SentencePiece protobuf, told apart by
@@ -264,7 +263,7 @@ def load_tokenizer(spec="byte") -> Tokenizer:
         return _byte_tokenizer()
     path = Path(spec)
     if path.is_dir():
-        found = [path / n for n in ("tekken.json", "tokenizer.model", "gpt2.tiktoken") if (path / n).exists()]
+        found = [path / n for n in TOKENIZER_FILES if (path / n).exists()]
         if not found:
             raise ValueError(f"tokenizer {spec}: directory has no tekken.json, tokenizer.model or gpt2.tiktoken")
         path = found[0]
@@ -537,7 +536,7 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     K = len(examples[0].responses)
     if any(len(ex.responses) != K for ex in examples):
         raise ValueError(f"collate: every example of a batch needs the same K, got "
-                         f"{sorted({len(ex.responses) for ex in examples})} (batches() groups examples by K)")
+                         f"{sorted({len(ex.responses) for ex in examples})}")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos = [] if tok.bos_id is None else [tok.bos_id]
@@ -567,17 +566,3 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     return {"tokens": tokens, "loss_mask": loss_mask, "rewards": rewards,
             "prompts_truncated": n_prompt, "responses_truncated": n_response}
 
-
-def batches(examples, batch_size, *, seed=0, epoch=0) -> list[list[int]]:
-    """One epoch's batches as lists of example indices, shuffled by (seed, epoch) alone, so a resumed
-    run recomputes the same list and continues at (epoch, batch index). Examples with different K
-    go to different batches; the last batch of each K may be smaller."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batches: batch_size must be a positive integer, got {batch_size!r}")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(examples)).tolist()
-    by_k = {}
-    for i in order:
-        by_k.setdefault(len(examples[i].responses), []).append(i)
-    out = [idx[s:s + batch_size] for idx in by_k.values() for s in range(0, len(idx), batch_size)]
-    return [out[j] for j in rng.permutation(len(out))] if len(by_k) > 1 else out

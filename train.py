@@ -186,9 +186,6 @@ def init_key(args):
     return h.hexdigest()
 
 
-TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken")  # what data.load_tokenizer finds in a directory
-
-
 def tokenizer_spec(args):
     """(tokenizer spec, template): flags first, then what --init recorded in config.json (see export)."""
     path = resolve_init(args)
@@ -197,7 +194,7 @@ def tokenizer_spec(args):
     if spec is None and "nca_tokenizer" in cfg:
         spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(path / cfg["nca_tokenizer"])
     if spec is None:
-        spec = str(path) if path and any((path / n).is_file() for n in TOKENIZER_FILES) else "byte"
+        spec = str(path) if path and any((path / n).is_file() for n in data.TOKENIZER_FILES) else "byte"
     return spec, args.template or cfg.get("nca_template", "none")
 
 
@@ -394,8 +391,8 @@ def train(args):
     # --- model: the base (the reference mu), then adapters, then the reference log-probs
     base_dtype = dtype if args.lora_rank else torch.float32  # full FT: float32 master weights
     model = load_base(args, device, base_dtype)
-    if tok.n_vocab > model.args.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer_spec} has {tok.n_vocab} tokens, the model's vocabulary "
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"tokenizer {args.tokenizer_spec} has {tok.vocab_size} tokens, the model's vocabulary "
                          f"only {model.args.vocab_size}")
     if args.max_length > model.args.max_seq_len:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's max_seq_len {model.args.max_seq_len}")
@@ -445,7 +442,9 @@ def train(args):
         start = load_checkpoint(ckpt_path, model, optimizer, schedule, args)
         if master:  # metrics logged after the checkpoint belong to the lost future: drop them
             rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp = out / "metrics.jsonl.tmp"  # rewritten beside, then renamed: a crash here keeps the old log
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, out / "metrics.jsonl")
             print(f"resumed from {ckpt_path} at step {start}")
     elif args.resume:
         raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
@@ -614,7 +613,7 @@ def export_final(model, path, args):
     spec = args.tokenizer_spec
     if spec != "byte":
         src = Path(spec)
-        src = src if src.is_file() else next(src / n for n in TOKENIZER_FILES if (src / n).is_file())
+        src = src if src.is_file() else next(src / n for n in data.TOKENIZER_FILES if (src / n).is_file())
         path.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, path / src.name)
         spec = src.name
@@ -630,7 +629,7 @@ def print_samples(model, tok, examples, args, when):
                               eos_id=data.end_of_turn(tok, args.template_name))  # stop where training ends a turn
     for e, o in zip(examples, outs):
         # a model whose vocabulary is larger than the tokenizer's (padded presets) may emit ids it cannot decode
-        print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.n_vocab])!r}")
+        print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.vocab_size])!r}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
 
@@ -399,13 +398,3 @@ def test_collate_rejects_mixed_k_and_bad_lengths():
         data.collate([data.Example("p", ["a"], [0])], tok, max_length=8, max_prompt_length=8)
 
 
-def test_batches_are_a_deterministic_per_epoch_shuffle_grouped_by_k():
-    examples = [data.Example("p", ["a", "b"], [1, 0])] * 7 + [data.Example("p", ["a", "b", "c"], [1, 0, 2])] * 3
-    first = data.batches(examples, 3, seed=1, epoch=0)
-    assert first == data.batches(examples, 3, seed=1, epoch=0)  # resuming recomputes the same order
-    assert first != data.batches(examples, 3, seed=1, epoch=1)
-    assert sorted(i for b in first for i in b) == list(range(10))  # every example once per epoch
-    assert all(len({len(examples[i].responses) for i in b}) == 1 for b in first)
-    assert sorted(map(len, first)) == [1, 3, 3, 3]
-    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-        data.batches(examples, 0)

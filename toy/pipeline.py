@@ -204,7 +204,7 @@ def stage_align(cfg, sft, data_path, method, seed):
 def logps(model, prompts, responses):
     """log pi(y|x) [N] of token-id responses (as sampled, EOS included) after token-id prompts."""
     rows = [p + r for p, r in zip(prompts, responses)]
-    tokens = torch.full((len(rows), max(map(len, rows))), 258, dtype=torch.long)  # [N, T], padded with the byte pad
+    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # [N, T]: padding is never scored, and causal
     mask = torch.zeros_like(tokens, dtype=torch.bool)  # [N, T] True on the response tokens
     for i, (p, r) in enumerate(zip(prompts, responses)):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
