@@ -66,6 +66,7 @@ def parse_args(argv):
     a("--template", help="chat template (llama3, mistral, chatml, zephyr, none); default: recorded in --init, else none")
     a("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, help="LoRA scale alpha / r; default 2 * rank")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter path (LoRA paper; 0 = off)")
     a("--lora-targets", default="q,k,v,o,gate,up,down", help="comma list of %s" % ",".join(lora.TARGETS))
     a("--quantize", default="none", choices=["none", "4bit"], help="4bit: NF4 frozen base (needs --lora-rank)")
     a("--ref", default="auto", choices=["auto", "precompute", "copy"],
@@ -400,7 +401,8 @@ def train(args):
         "adapters" if args.lora_rank else "precompute"
     ref_model = copy.deepcopy(model).requires_grad_(False) if ref_mode == "copy" else None
     if args.lora_rank:
-        lora.inject(model, tuple(args.lora_targets.split(",")), args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank)
+        lora.inject(model, tuple(args.lora_targets.split(",")), args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank,
+                    args.lora_dropout)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in float32 even on a bf16 base (AdamW needs the bits)

@@ -176,3 +176,12 @@ def test_sample_prints_generations_before_and_after_training(tmp_path, capsys):
     after = [l for l in lines if l.startswith("[after]")]
     assert len(before) == 2 and len(after) == 2, lines
     assert "+" in before[0] and "->" in before[0]  # the prompt and what the model said to it
+
+
+def test_lora_dropout_flag_reaches_the_adapters(tmp_path, monkeypatch):
+    seen = []
+    inject = train.lora.inject
+    monkeypatch.setattr(train.lora, "inject", lambda *a, **k: seen.append(a) or inject(*a, **k))
+    run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--lora-dropout", "0.1", "--no-export")
+    assert seen and seen[0][4] == 0.1
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in seen[0][0].modules())
