@@ -566,3 +566,11 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     return {"tokens": tokens, "loss_mask": loss_mask, "rewards": rewards,
             "prompts_truncated": n_prompt, "responses_truncated": n_response}
 
+
+def prompt_ids(prompts, tok, *, template="none", max_length=1024, max_prompt_length=512) -> list[list[int]]:
+    """Token ids of each prompt exactly as collate gives them to the model (template, BOS, truncation):
+    what generation must start from so that sampled responses are scored as they were produced."""
+    # a stand-in response: its loss mask starts right after the prompt
+    batch = collate([Example(p, ["x"], [0.0]) for p in prompts], tok, template=template, max_length=max_length,
+                    max_prompt_length=max_prompt_length)
+    return [row[:int(m.nonzero()[0])].tolist() for row, m in zip(batch["tokens"], batch["loss_mask"])]

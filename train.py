@@ -625,8 +625,8 @@ def export_final(model, path, args):
 
 def print_samples(model, tok, examples, args, when):
     """Greedy continuations of the prompts, tokenized exactly as in training (collate's prompt part)."""
-    batch = collate([data.Example(e.prompt, ["x"], [0.0]) for e in examples], tok, args)
-    prompts = [row[:int(m.nonzero()[0])].tolist() for row, m in zip(batch["tokens"], batch["loss_mask"])]
+    prompts = data.prompt_ids([e.prompt for e in examples], tok, template=args.template_name,
+                              max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     outs = model_lib.generate(model, prompts, max_new_tokens=min(128, args.max_length - args.max_prompt_length),
                               eos_id=data.end_of_turn(tok, args.template_name))  # stop where training ends a turn
     for e, o in zip(examples, outs):

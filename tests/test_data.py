@@ -398,3 +398,10 @@ def test_collate_rejects_mixed_k_and_bad_lengths():
         data.collate([data.Example("p", ["a"], [0])], tok, max_length=8, max_prompt_length=8)
 
 
+
+
+def test_prompt_ids_are_the_tokens_before_the_scored_response():
+    tok = data.load_tokenizer("byte")
+    ids = data.prompt_ids(["12+3=", "a much longer prompt than fits"], tok, max_length=16, max_prompt_length=8)
+    assert ids[0] == [tok.bos_id] + list(b"12+3=")
+    assert ids[1] == [tok.bos_id] + list(b"an fits")  # BOS kept, the end of the prompt kept: 8 tokens

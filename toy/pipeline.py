@@ -136,16 +136,9 @@ def stage_sft(cfg):
 
 # ----------------------------------------------------------------------------- stage 2: sample K, score
 
-def prompt_ids(tok, prompts):
-    """Token ids of each prompt exactly as training sees them (data.collate: BOS + prompt)."""
-    batch = data.collate([data.Example(p, ["x"], [0.0]) for p in prompts], tok, max_length=MAX_PROMPT + MAX_NEW,
-                         max_prompt_length=MAX_PROMPT)
-    return [row[:int(m.nonzero()[0])].tolist() for row, m in zip(batch["tokens"], batch["loss_mask"])]
-
-
 def sample(model, tok, prompts, n, *, temperature, seed):
     """n responses per prompt as token ids (EOS included if produced): [len(prompts)][n]."""
-    ids = prompt_ids(tok, prompts)
+    ids = data.prompt_ids(prompts, tok, max_length=MAX_PROMPT + MAX_NEW, max_prompt_length=MAX_PROMPT)
     g = torch.Generator().manual_seed(seed)
     outs = model_lib.generate(model, [p for p in ids for _ in range(n)], max_new_tokens=MAX_NEW,
                               temperature=temperature, eos_id=tok.eos_id, generator=g)
@@ -218,7 +211,7 @@ def evaluate(pi, mu, tok, test, test_data, seed, cfg):
 
     test_data: K samples of mu per held-out prompt (token ids) with their rewards, so the chosen
     log-ratio log pi(y_best) - log mu(y_best) is measured on responses pi never trained on."""
-    ids = prompt_ids(tok, test)
+    ids = data.prompt_ids(test, tok, max_length=MAX_PROMPT + MAX_NEW, max_prompt_length=MAX_PROMPT)
     greedy = model_lib.generate(pi, ids, max_new_tokens=MAX_NEW, eos_id=tok.eos_id)
     r = torch.tensor([arith.reward(p, text(tok, y)) for p, y in zip(test, greedy)])
     # KL(pi || mu) = E_{y ~ pi} [log pi(y|x) - log mu(y|x)], one sample per prompt
