@@ -4,13 +4,36 @@ Every number is a ratio measured side by side in one run (these machines are noi
 best existing implementation we can run here. README records each table with its command.
 """
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(runs, reps, device, reset):
+    """Median seconds of each closure in runs (name -> fn) over reps rounds after a warm-up round.
+    Rounds interleave the variants, so a burst of load elsewhere on the machine hits every one alike;
+    reset() (clearing gradients) runs before each call, outside the timing."""
+    times = {name: [] for name in runs}
+    for i in range(reps + 1):
+        for name, run in runs.items():
+            reset()
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 # ----------------------------------------------------------------------------- logprob (nca.py)
-# (section owned by the fused-kernel work)
 def logprob_variants(N, d, V, *, frozen, device, dtype):
     """name -> fwd+bwd closure over the same inputs, and the inputs' gradient sink to reset."""
     import torch.nn.functional as F
@@ -29,23 +52,26 @@ def logprob_variants(N, d, V, *, frozen, device, dtype):
         z = h @ W.T  # [N, V], standing in for dz
         h.grad, W.grad = z @ W, None if frozen else z.T @ h
 
+    rows, cols = nca.TILE.get(device.type, nca.TILE["cpu"])
+
     @torch.no_grad()
-    def floor_chunked():  # the same matmuls chunk by chunk into reused buffers: the tightest floor
-        z, h.grad = torch.empty(min(nca.CHUNK, N), V, device=device, dtype=dtype), torch.empty_like(h)
+    def floor_tiled():  # the same matmuls over the fused kernel's tiles, into reused buffers: the tightest floor
+        z, h.grad = torch.empty(min(rows, N), min(cols, V), device=device, dtype=dtype), torch.zeros_like(h)
         W.grad = None if frozen else torch.zeros_like(W)
-        for i in range(0, N, nca.CHUNK):
-            h_c = h[i:i + nca.CHUNK]
-            torch.mm(h_c, W.T, out=z[:len(h_c)])
-            torch.mm(z[:len(h_c)], W, out=h.grad[i:i + nca.CHUNK])
-            if not frozen:
-                W.grad.addmm_(z[:len(h_c)].T, h_c)
+        for i in range(0, N, rows):
+            for j in range(0, V, cols):
+                h_i, W_j = h[i:i + rows], W[j:j + cols]
+                z_ij = torch.mm(h_i, W_j.T, out=z[:len(h_i), :len(W_j)])
+                h.grad[i:i + rows].addmm_(z_ij, W_j)
+                if not frozen:
+                    W.grad[j:j + cols].addmm_(z_ij.T, h_i)
 
     variants = {
         "reference": lambda: (nca.sequence_logps(h[None], W, t[None], ones, impl="reference") @ g[:1]).backward(),
-        "fused": lambda: (nca.FusedLogp.apply(h, W, t, frozen, nca.CHUNK) @ g).backward(),
+        "fused": lambda: (nca.FusedLogp.apply(h, W, t, True, (rows, cols)) @ g).backward(),
         "torch F.linear_cross_entropy": lambda: (F.linear_cross_entropy(h, W, t, reduction="none") @ -g).backward(),
         "floor: matmuls, full [N, V]": floor,
-        f"floor: matmuls, {nca.CHUNK}-row chunks": floor_chunked,
+        "floor: matmuls, tiled": floor_tiled,
     }
     if lce_options is not None:  # torch >= 2.13: the chunked path, recomputing in backward for "none"
         variants["torch F.linear_cross_entropy chunked"] = lambda: (F.linear_cross_entropy(
@@ -79,9 +105,7 @@ def logprob_peak_bytes(N, d, V, *, frozen, device, dtype, name):
 
 def bench_logprob(argv):
     """Fused log-probs vs the reference, torch's linear_cross_entropy and the matmul floor."""
-    import statistics
     import subprocess
-    import time
 
     import nca
     p = argparse.ArgumentParser(prog="bench.py logprob")
@@ -99,10 +123,6 @@ def bench_logprob(argv):
         print(logprob_peak_bytes(int(N), int(d), int(V), frozen=frozen == "1", device=device, dtype=dtype, name=name))
         return
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     print(f"fwd+bwd of per-token log p, {args.dtype} on {args.device}, {args.threads} threads, median of {args.reps}")
     print("peak = memory above the inputs and the gradients left in h.grad / W.grad (the workspace), "
           + ("the CUDA allocator's peak" if device.type == "cuda" else "resident high-water mark, a fresh process each"))
@@ -110,36 +130,28 @@ def bench_logprob(argv):
         N, d, V = map(int, shape.split(","))
         for frozen in (False, True):
             variants, (h, W) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
-            times = {name: [] for name in variants}
-            for i in range(args.reps + 1):  # interleaved rounds: machine noise hits every variant alike
-                for name, run in variants.items():
-                    h.grad = W.grad = None
-                    sync()
-                    t0 = time.perf_counter()
-                    run()
-                    sync()
-                    if i:
-                        times[name].append(time.perf_counter() - t0)
+
+            def reset():
+                h.grad = W.grad = None
+            t = interleaved_medians(variants, args.reps, device, reset)
             del variants, h, W
             peak = {}
-            for name in times:
+            for name in t:
                 if device.type == "cuda":
                     peak[name] = logprob_peak_bytes(N, d, V, frozen=frozen, device=device, dtype=dtype, name=name)
                 else:
                     cmd = [sys.executable, __file__, "logprob", "--threads", str(args.threads), "--dtype", args.dtype,
                            "--peak-of", f"{N},{d},{V},{int(frozen)},{name}"]
                     peak[name] = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            t = {name: statistics.median(ts) for name, ts in times.items()}
-            floor, chunked, ref = t["floor: matmuls, full [N, V]"], t[f"floor: matmuls, {nca.CHUNK}-row chunks"], t["reference"]
+            floor, tiled, ref = (t[k] for k in ("floor: matmuls, full [N, V]", "floor: matmuls, tiled", "reference"))
             print(f"\n(N, d, V) = ({N}, {d}, {V}), W {'frozen' if frozen else 'trained'}")
-            print(f"  {'':38s} {'seconds':>8s} {'/floor':>7s} {'/chunked':>8s} {'/ref':>6s} {'peak MiB':>9s} {'/ref':>6s}")
+            print(f"  {'':38s} {'seconds':>8s} {'/floor':>7s} {'/tiled':>7s} {'/ref':>6s} {'peak MiB':>9s} {'/ref':>6s}")
             for name in t:
-                print(f"  {name:38s} {t[name]:8.3f} {t[name] / floor:7.2f} {t[name] / chunked:8.2f} {t[name] / ref:6.2f} "
+                print(f"  {name:38s} {t[name]:8.3f} {t[name] / floor:7.2f} {t[name] / tiled:7.2f} {t[name] / ref:6.2f} "
                       f"{peak[name] / 2**20:9.0f} {peak[name] / peak['reference']:6.3f}")
 
 
 # ----------------------------------------------------------------------------- lora (lora.py)
-# (section owned by the LoRA work)
 def lora_memory(preset, r):
     """Bytes of the frozen weights of a whole model built on the meta device (shapes only, no RAM):
     the adapted linears in bf16 vs NF4; embeddings, norms and the LM head stay bf16 (as in QLoRA)."""
@@ -158,8 +170,6 @@ def lora_memory(preset, r):
 def lora_time(out_f, in_f, *, tokens, r, reps, device, dtype):
     """Median forward+backward seconds of one [out, in] projection per variant, interleaved rounds."""
     import copy
-    import statistics
-    import time
 
     import lora
     trainable = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
@@ -170,20 +180,13 @@ def lora_time(out_f, in_f, *, tokens, r, reps, device, dtype):
                 f"LoRA r={r} on NF4 base": nf4}
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)  # grad to x, as inside a model
     gy = torch.randn(tokens, out_f, device=device, dtype=dtype)
-    times = {name: [] for name in variants}
-    for i in range(reps + 1):                          # round 0 warms up
-        for name, layer in variants.items():
+    runs = {name: lambda layer=layer: layer(x).backward(gy) for name, layer in variants.items()}
+
+    def reset():
+        x.grad = None
+        for layer in variants.values():
             layer.zero_grad(set_to_none=True)
-            x.grad = None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            layer(x).backward(gy)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_medians(runs, reps, device, reset)
 
 
 def bench_lora(argv):
@@ -221,7 +224,6 @@ def bench_lora(argv):
 
 
 # ----------------------------------------------------------------------------- train (train.py)
-# (section owned by the training work)
 TRAIN_VARIANTS = {
     "plain, frozen copy": "a plain loop: full [B*K, T, V] logits, log_softmax, gather; reference = frozen copy",
     "plain, precomputed": "the same loop, reference log-probs read from a precomputed cache",
@@ -235,7 +237,6 @@ def train_variant(variant, vocab, steps, threads):
     import copy
     import json
     import resource
-    import time
 
     import nca
     import train

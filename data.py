@@ -77,6 +77,8 @@ def _read_jsonl(path):
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            except RecursionError:  # json's decoder recurses once per nested [ or {
+                raise ValueError(f"{path}:{lineno}: JSON line nested too deeply") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             yield lineno, obj
@@ -289,7 +291,8 @@ def _tokenizer(name, pat_str, ranks, specials, bos, eos, pad, enc_specials=None)
         decoder[r] = s.encode()
     enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks,
                             special_tokens=specials if enc_specials is None else enc_specials)
-    return Tokenizer(enc, specials.get(bos), specials.get(eos), specials[pad], vocab_size, decoder, specials)
+    # a tekken.json may have no <pad>: padding is masked out, so id 0 does as well
+    return Tokenizer(enc, specials.get(bos), specials.get(eos), specials.get(pad, 0), vocab_size, decoder, specials)
 
 
 def _byte_tokenizer():
@@ -300,16 +303,37 @@ def _byte_tokenizer():
 
 
 def _tiktoken_ranks(path, data):
-    """tiktoken's text format: one `base64(token) rank` per line."""
-    ranks = {}
+    """tiktoken's text format: one `base64(token) rank` per line, ranks 0 .. n-1 each once (the special
+    tokens are numbered from n, and tiktoken itself panics on a repeated rank)."""
+    ranks, line_of = {}, {}  # token -> rank, rank -> line
     for lineno, line in enumerate(data.splitlines(), 1):
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank = base64.b64decode(token, validate=True), int(rank)
         except ValueError:  # also binascii.Error
             raise ValueError(f"{path}:{lineno}: expected 'base64-token rank' (a tiktoken BPE file) "
                              f"or a SentencePiece protobuf model") from None
+        if rank < 0 or rank in line_of:
+            raise ValueError(f"{path}:{lineno}: rank {rank}: expected ranks 0, 1, 2, ... each once"
+                             + (f" (rank {rank} is also at line {line_of[rank]})" if rank in line_of else ""))
+        if token in ranks:
+            raise ValueError(f"{path}:{lineno}: token {token!r} already has rank {ranks[token]} (line "
+                             f"{line_of[ranks[token]]}); expected each token once")
+        ranks[token], line_of[rank] = rank, lineno
+    if not ranks:
+        raise ValueError(f"{path}: no tokens; expected 'base64-token rank' lines (a tiktoken BPE file)")
+    if (top := max(line_of)) >= len(ranks):
+        raise ValueError(f"{path}:{line_of[top]}: rank {top}: expected ranks 0 .. {len(ranks) - 1} "
+                         f"({len(ranks)} tokens)")
+    _check_bytes(path, ranks)
     return ranks
+
+
+def _check_bytes(path, ranks):
+    # BPE starts from single bytes: one without a token could not be encoded (tiktoken would panic)
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
+        raise ValueError(f"{path}: no token for byte 0x{missing[0]:02x} ({len(missing)} bytes missing); "
+                         f"a BPE vocabulary needs all 256 single bytes")
 
 
 # Llama 3 (meta-llama/llama3, llama/tokenizer.py): cl100k-like split, 256 special tokens after the BPE ranks
@@ -348,17 +372,48 @@ def _tekken(path):
     Model id = n_special + BPE rank, the BPE vocabulary cut to default_vocab_size - n_special."""
     try:
         model = json.loads(Path(path).read_text(encoding="utf-8"))
-        config = model["config"]
-        n_special = config["default_num_special_tokens"]
-        inner = config["default_vocab_size"] - n_special
-        ranks = {base64.b64decode(t["token_bytes"]): n_special + t["rank"] for t in model["vocab"][:inner]}
-        names = [t["token_str"] for t in sorted(model.get("special_tokens") or [], key=lambda t: t["rank"])]
-        pattern = config["pattern"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a tekken.json ({type(e).__name__}: {e})") from None
-    names = names or TEKKEN_SPECIALS
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+
+    def need(ok, key, expected):
+        if not ok:
+            raise ValueError(f"{path} (read as Mistral's tekken.json): field {key!r}: expected {expected}")
+
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    need(isinstance(model, dict) and isinstance(model.get("config"), dict), "config", "an object")
+    config, vocab, special = model["config"], model.get("vocab"), model.get("special_tokens") or []
+    n_special, size = config.get("default_num_special_tokens"), config.get("default_vocab_size")
+    need(count(n_special), "config.default_num_special_tokens", "an integer >= 0")
+    need(isinstance(vocab, list) and len(vocab) >= 256, "vocab", "a list of {rank, token_bytes}, 256 or more")
+    need(count(size) and n_special + 256 <= size <= n_special + len(vocab), "config.default_vocab_size",
+         f"an integer in {n_special + 256} .. {n_special + len(vocab)} (the special tokens + 256 bytes at least, "
+         f"+ all of vocab at most)")
+    need(isinstance(config.get("pattern"), str), "config.pattern", "a regular expression string")
+    ranks = {}
+    for i, t in enumerate(vocab[:size - n_special]):
+        need(isinstance(t, dict) and t.get("rank") == i and isinstance(t.get("token_bytes"), str), f"vocab[{i}]",
+             f"{{rank: {i}, token_bytes: base64 string}}")
+        try:
+            b = base64.b64decode(t["token_bytes"], validate=True)
+        except ValueError:  # binascii.Error
+            b = None
+        need(b is not None and b not in ranks, f"vocab[{i}].token_bytes", "the base64 of a token not seen before")
+        ranks[b] = n_special + i
+    _check_bytes(path, ranks)
+    need(isinstance(special, list) and all(isinstance(t, dict) and count(t.get("rank")) and t.get("token_str")
+                                           and isinstance(t["token_str"], str) for t in special),
+         "special_tokens", "a list of {rank: int, token_str: non-empty string}")
+    names = [t["token_str"] for t in sorted(special, key=lambda t: t["rank"])] or TEKKEN_SPECIALS
+    need(sorted(t["rank"] for t in special) == list(range(len(special))) and len(set(names)) == len(names),
+         "special_tokens", "ranks 0, 1, 2, ... and names, each once")
+    need(len(names) <= n_special, "config.default_num_special_tokens", f">= {len(names)}, the number of special tokens")
     specials = {s: i for i, s in enumerate(names + [f"<SPECIAL_{i}>" for i in range(len(names), n_special)])}
-    return _tokenizer("tekken", pattern, ranks, specials, "<s>", "</s>", "<pad>", enc_specials={})
+    try:
+        return _tokenizer("tekken", config["pattern"], ranks, specials, "<s>", "</s>", "<pad>", enc_specials={})
+    except ValueError as e:  # tiktoken compiles the pattern only now
+        raise ValueError(f"{path}: field 'config.pattern': not a valid regular expression ({e})") from None
 
 
 # ----- Mistral 7B's SentencePiece BPE, as a tiktoken Encoding
@@ -389,11 +444,10 @@ def _protobuf(buf):
         wire = key & 7
         if wire == 0:
             value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
+        elif wire in (1, 2, 5):  # fixed64, length-delimited, fixed32
+            n, i = _varint(buf, i) if wire == 2 else (8 if wire == 1 else 4, i)
+            if i + n > len(buf):
+                raise ValueError(f"field {key >> 3} says {n} bytes, {len(buf) - i} are left: truncated file?")
             value, i = buf[i:i + n], i + n
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
@@ -403,6 +457,8 @@ def _protobuf(buf):
 def _varint(buf, i):
     x = shift = 0
     while True:
+        if i >= len(buf):
+            raise ValueError("a varint runs past the end: truncated file?")
         b = buf[i]
         x |= (b & 0x7F) << shift
         i, shift = i + 1, shift + 7
@@ -417,10 +473,14 @@ def _sentencepiece(path, data):
         for num, value in _protobuf(data):
             if num == 1:
                 p = dict(_protobuf(value))
-                pieces.append((p[1].decode(), struct.unpack("<f", p.get(2, b"\0\0\0\0"))[0], p.get(3, SP_NORMAL)))
+                piece, score, kind = p.get(1), p.get(2, b"\0\0\0\0"), p.get(3, SP_NORMAL)
+                if not isinstance(piece, bytes) or not isinstance(score, bytes) or len(score) != 4 \
+                        or kind not in range(SP_NORMAL, SP_BYTE + 1):
+                    raise ValueError(f"piece {len(pieces)}: expected {{piece: string, score: float, type: 1 .. 6}}")
+                pieces.append((piece.decode(), struct.unpack("<f", score)[0], kind))
             elif num in (2, 3):
                 (trainer if num == 2 else normalizer).update(_protobuf(value))
-    except (IndexError, KeyError, ValueError, struct.error) as e:
+    except ValueError as e:  # also UnicodeDecodeError
         raise ValueError(f"{path}: not a SentencePiece model nor a tiktoken BPE file ({e})") from None
     # TrainerSpec: model_type = 3 (BPE = 2), byte_fallback = 35; NormalizerSpec: name = 1,
     # add_dummy_prefix = 3 (default on), remove_extra_whitespaces = 4 (default on), escape_whitespaces = 5
@@ -428,9 +488,18 @@ def _sentencepiece(path, data):
             or normalizer.get(4, 1) or not normalizer.get(5, 1) or any(t == SP_UNUSED for _, _, t in pieces):
         raise ValueError(f"{path}: only SentencePiece BPE models with byte fallback, identity normalisation, "
                          "no whitespace removal and no unused pieces (Llama 2 / Mistral 7B style) are supported")
+    seen = set()
+    for n, (p, _, t) in enumerate(pieces):
+        if p in seen:
+            raise ValueError(f"{path}: piece {n} {p!r} appears twice; expected each piece once")
+        if t == SP_BYTE and not re.fullmatch("<0x[0-9A-F]{2}>", p):
+            raise ValueError(f"{path}: piece {n} {p!r} is a byte piece; expected the name <0xXX>")
+        seen.add(p)
     ids = {p: i for i, (p, _, t) in enumerate(pieces) if t in (SP_NORMAL, SP_USER_DEFINED)}
     score = {p: s for p, s, t in pieces if t == SP_NORMAL}
     byte_id = {int(p[3:5], 16): i for i, (p, _, t) in enumerate(pieces) if t == SP_BYTE}
+    if len(byte_id) != 256:
+        raise ValueError(f"{path}: {len(byte_id)} byte pieces; byte fallback needs all 256, <0x00> .. <0xFF>")
 
     ranks = {bytes([b]): b for b in range(256)}
     sp_ids = [(ids[chr(b)],) if b < 128 and chr(b) in score else (byte_id[b],) for b in range(256)]
@@ -472,7 +541,10 @@ TEMPLATES = {
     "none": ("{content}", "", None),  # plain text; the response ends with the tokeniser's EOS
     "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
                "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # Mistral 7B v0.1; assistant turns: see render
+    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # v1 SentencePiece (Mistral 7B v0.1/v0.2); see render
+    # v3 SentencePiece (Mistral 7B v0.3) and Tekken: [INST] and [/INST] are control tokens, and mistral-common encodes
+    # the text between them on its own, so SentencePiece's "▁" prefix is the only space: "<s>[INST] Hi[/INST] Yo</s>"
+    "mistral_v3": ("[INST]{content}[/INST]", "", "</s>"),
     "zephyr": ("<|{role}|>\n{content}</s>\n", "<|assistant|>\n", "</s>"),
     "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
 }
@@ -483,6 +555,11 @@ def end_of_turn(tok, template) -> list[int]:
     "</s>" is the tokeniser's EOS, whatever it is called; any other marker must be one special token,
     or the model would be trained to end its turns by spelling the marker out (10 bytes for <|eot_id|>)."""
     eot = render(template, "")[1]
+    # v3 and Tekken tokenizers made [INST] a control token: each Mistral template fits one kind only
+    if template in ("mistral", "mistral_v3") and ("[INST]" in tok.special_ids) != (template == "mistral_v3"):
+        raise ValueError(f"template {template!r} does not fit tokenizer {tok.enc.name!r}, where [INST] is "
+                         + ("a control token: use 'mistral_v3'" if "[INST]" in tok.special_ids
+                            else "plain text: use 'mistral'"))
     if eot is None or eot == "</s>":
         if tok.eos_id is None:
             raise ValueError(f"template {template!r} ends a response with EOS, but tokenizer {tok.enc.name!r} has none")
@@ -505,18 +582,26 @@ def render(template, prompt) -> tuple[str, str | None]:
         prompt = [{"role": "user", "content": prompt}]
     if template == "none":
         return "\n\n".join(m["content"] for m in prompt), eot
-    text, system = "", ""
+    if template in ("mistral", "mistral_v3"):
+        # [INST] has no system turn: mistral-common joins the system messages and prepends them to the
+        # first user turn (v1) or the last (v3)
+        system = "\n\n".join(m["content"] for m in prompt if m["role"] == "system" and m["content"])
+        prompt = [m for m in prompt if m["role"] != "system"]
+        users = [i for i, m in enumerate(prompt) if m["role"] != "assistant"]
+        if system and users:
+            i = users[0 if template == "mistral" else -1]
+            prompt = prompt[:i] + [{**prompt[i], "content": system + "\n\n" + prompt[i]["content"]}] + prompt[i + 1:]
+    text = ""
     for m in prompt:
-        if template == "mistral" and m["role"] == "system":  # [INST] has no system turn: prepend to the next user turn
-            system += m["content"] + "\n\n"
-        elif template == "mistral" and m["role"] == "assistant":
+        if template == "mistral" and m["role"] == "assistant":
             # mistral-common's v1 encodes each assistant turn on its own, so SentencePiece puts a "▁" before
             # it, exactly as collate's separate encoding of the response does; the space gives that "▁"
             # inside one text, and the split pattern cuts before it, so no token crosses into the turn
             text += " " + m["content"] + eot
+        elif template == "mistral_v3" and m["role"] == "assistant":  # v3 strips trailing spaces off earlier turns
+            text += m["content"].rstrip(" ") + eot
         else:
-            text += turn.format(role=m["role"], content=system + m["content"])
-            system = ""
+            text += turn.format(role=m["role"], content=m["content"])
     return text + opening, eot
 
 

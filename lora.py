@@ -16,7 +16,6 @@ codes with one absmax scale per block of 64 weights, dequantise on the fly, trai
     save_adapter(model, "adapter.pt")
 """
 import math
-import pickle
 from contextlib import contextmanager
 
 import torch
@@ -192,6 +191,8 @@ def merge(model: nn.Module) -> nn.Module:
         if m.weight_nf4 is not None:
             raise ValueError(f"merge(): {name} has a 4-bit base; merging would requantise W + BA and lose "
                              "most of the update. Load the 16-bit base, load_adapter, then merge.")
+        if not m.enabled:  # merged inside disabled(): the model would compute W + BA where mu was promised
+            raise ValueError("merge(): the adapters are switched off (inside lora.disabled); merge outside it")
         if not m.merged:
             m.weight.copy_(m.weight.float() + m.delta_weight())
             m.merged = True
@@ -231,12 +232,18 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load adapters saved by save_adapter; injects them first (same r, alpha, targets) if the model has none."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except Exception as e:  # torch raises many kinds here (zip, pickle, OSError on a truncated file)
         raise ValueError(f"{path}: cannot read as a LoRA adapter file saved by lora.save_adapter ({e})") from None
     if not isinstance(ckpt, dict) or not {"r", "alpha", "targets", "shapes", "state"} <= ckpt.keys():
         raise ValueError(f"{path}: not a LoRA adapter file (expected keys r, alpha, targets, shapes, state)")
+    if not (isinstance(ckpt["targets"], list) and isinstance(ckpt["shapes"], dict)
+            and isinstance(ckpt["state"], dict)):
+        raise ValueError(f"{path}: not a LoRA adapter file (targets must be a list, shapes and state dicts)")
     if not lora_modules(model):
-        inject(model, ckpt["targets"], ckpt["r"], ckpt["alpha"])
+        try:
+            inject(model, ckpt["targets"], ckpt["r"], ckpt["alpha"])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     mods = lora_modules(model)
     if any(m.merged for m in mods.values()):
         raise ValueError(f"load_adapter({path}): the model's adapters are merged; call lora.unmerge(model) first")
@@ -254,10 +261,13 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     for name, m in mods.items():                     # check every tensor before copying any
         for key, param in ((f"{name}.lora_A", m.lora_A), (f"{name}.lora_B", m.lora_B)):
             saved = ckpt["state"].get(key)
-            if not isinstance(saved, torch.Tensor) or saved.shape != param.shape:
-                raise ValueError(f"{path}: {key}: expected a tensor of shape {list(param.shape)}, found "
-                                 f"{list(saved.shape) if isinstance(saved, torch.Tensor) else saved!r}")
+            if not isinstance(saved, torch.Tensor) or saved.shape != param.shape or not saved.is_floating_point():
+                got = f"{saved.dtype} {list(saved.shape)}" if isinstance(saved, torch.Tensor) else repr(saved)
+                raise ValueError(f"{path}: {key}: expected a floating point tensor of shape {list(param.shape)}, "
+                                 f"found {got}")
             pairs.append((param, saved))
+    if extra := sorted(map(str, ckpt["state"].keys() - {f"{name}.lora_{p}" for name in mods for p in "AB"})):
+        raise ValueError(f"{path}: tensors {extra[:4]} match no adapter of the model")
     for param, saved in pairs:
         param.copy_(saved)
     return model
@@ -273,7 +283,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def quantize_4bit(model: nn.Module, block_size: int = 64) -> nn.Module:
     """Replace the frozen base weight of every LoRALinear by NF4 codes + per-block absmax (QLoRA §3)."""
-    if block_size < 2 or block_size % 2:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
         raise ValueError(f"quantize_4bit(): block_size must be a positive even number, got {block_size}")
     for name, m in _modules_or_raise(model, "quantize_4bit()").items():
         if m.merged:

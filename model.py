@@ -9,6 +9,7 @@ Parameter names are Meta's, so they ARE the state-dict keys of the original chec
 import json
 import math
 import mmap
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +43,10 @@ class ModelArgs:  # defaults: the shape of Mistral 7B
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"ModelArgs: {name} must be a positive integer, got {v!r}")
+        for name in ("norm_eps", "rope_theta"):  # a negative eps or a zero theta gives NaN, not an error
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"ModelArgs: {name} must be a finite number > 0, got {v!r}")
         hd = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads or hd % 2:
             raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
@@ -205,6 +210,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     """logits [B, V] -> token ids [B]: argmax at temperature 0, else nucleus sampling (Holtzman et al. 2020)."""
     if not 0 < top_p <= 1:
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if not temperature >= 0:  # a negative one would silently favour the least likely tokens
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -285,9 +292,11 @@ def read_safetensors(path):
         n = int.from_bytes(f.read(8), "little")
         if 8 + n > size:
             raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes): truncated?")
+        if n > 100_000_000:  # the format's own limit; a corrupt length would otherwise read gigabytes as JSON
+            raise ValueError(f"{path}: header length {n} is over the format's limit of 100 MB: not a safetensors file?")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path}: the header is not valid JSON ({e})") from None
         data = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)[8 + n:]
     if not isinstance(header, dict):
@@ -318,10 +327,16 @@ def read_safetensors(path):
             t = t.clone()  # view(dtype) needs an aligned start; writers pad the header to 8 so this is rare
         tensors[name] = t.view(DTYPES[dtype]).view(shape)
         spans.append((begin, end, name))
+    # as the official reader: the tensors tile the data section, no overlap, no gap, nothing after the last
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise ValueError(f"{path}: tensors {n0!r} [{b0}, {e0}] and {n1!r} [{b1}, {e1}] overlap")
+        if b1 != e0:
+            raise ValueError(f"{path}: tensors {n0!r} [{b0}, {e0}] and {n1!r} [{b1}, {e1}] "
+                             f"{'overlap' if b1 < e0 else 'leave a gap: bytes that belong to no tensor'}")
+    first, last = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if first != 0 or last != len(data):
+        raise ValueError(f"{path}: the tensors cover bytes [{first}, {last}] of a data section of {len(data)} "
+                         f"bytes: the rest belongs to no tensor (a header entry lost, or bytes appended?)")
     return tensors
 
 
@@ -329,6 +344,9 @@ def write_safetensors(path, tensors, metadata=None):
     names = {v: k for k, v in DTYPES.items()}
     header, offset = {}, 0
     for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ValueError(f"write_safetensors({path}): tensor {name!r} has dtype {t.dtype}, which this writer "
+                             f"does not support (supported: {', '.join(map(str, names))})")
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -336,11 +354,15 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad, as the official writer does, so the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    # a new file renamed over the old one: a crash leaves no half-written file, and tensors read from the old
+    # one (mmap views) stay valid; writing into it in place would truncate it under them (SIGBUS)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    os.replace(tmp, path)
 
 
 # Hugging Face names of our modules; blocks live under model.layers.{i}.
@@ -370,9 +392,12 @@ def _rope_permute(w, n_heads, to_hf):
 
 def _read_json(file):
     try:
-        return json.loads(Path(file).read_text())
-    except (OSError, ValueError) as e:
+        obj = json.loads(Path(file).read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{file}: cannot read JSON ({e})") from None
+    if not isinstance(obj, dict):  # config.json, params.json and the shard index are all objects
+        raise ValueError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _get(cfg, key, file, kind=int, default=...):
@@ -380,7 +405,8 @@ def _get(cfg, key, file, kind=int, default=...):
     v = cfg.get(key, default)
     if v is ... or not (isinstance(v, kind) or v is None and default is None):
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise ValueError(f"{file}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}")
+        raise ValueError(f"{file}: field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                         f"{'but it is missing' if v is ... else f'got {v!r}'}")
     return v
 
 
@@ -399,6 +425,8 @@ def _args_from_hf(cfg, file):
     if kind not in ("llama", "mistral"):  # both are exactly this decoder; others (qwen2 biases, gemma...) are not
         raise ValueError(f"{file}: model_type {kind!r} is not supported (expected 'llama' or 'mistral')")
     rope_cfg = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope_cfg, dict):
+        raise ValueError(f"{file}: field 'rope_scaling' / 'rope_parameters' must be an object, got {rope_cfg!r}")
     if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
         raise ValueError(f"{file}: RoPE scaling {rope_cfg!r} is not supported (plain RoPE only)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
@@ -422,9 +450,11 @@ def _args_from_params(p, file, n_embeddings=None):
     hidden = _get(p, "hidden_dim", file, int, None)
     if hidden is None:  # Meta's rule: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of
         hidden = int(2 * 4 * dim / 3)
-        if p.get("ffn_dim_multiplier"):
-            hidden = int(p["ffn_dim_multiplier"] * hidden)
+        if multiplier := _get(p, "ffn_dim_multiplier", file, (int, float), None):
+            hidden = int(multiplier * hidden)
         m = _get(p, "multiple_of", file, default=256)
+        if m <= 0:
+            raise ValueError(f"{file}: field 'multiple_of' must be a positive integer, got {m}")
         hidden = m * -(-hidden // m)
     n_heads = _get(p, "n_heads", file)
     vocab_size = _get(p, "vocab_size", file, default=-1)
@@ -446,8 +476,8 @@ def _read_hf(path):
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: expected a 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file name")
         files = {}
         for file in sorted(set(weight_map.values())):
             if not (path / file).is_file():
@@ -463,6 +493,8 @@ def _read_hf(path):
     found = {}
     for file, tensors in files.items():
         for name, t in tensors.items():
+            if name.endswith(".rotary_emb.inv_freq"):  # older transformers saved its RoPE table; we compute it
+                continue
             if name in found:
                 raise ValueError(f"{path / file}: tensor {name!r} is also in {found[name][1]}")
             found[name] = (t, path / file)
@@ -489,7 +521,8 @@ def _read_original(path):
         raise ValueError(f"{file}: expected a dict of tensor name -> tensor")
     tensors.pop("rope.freqs", None)  # Llama 2 stored its RoPE table; we compute it
     embeddings = tensors.get("tok_embeddings.weight")
-    args = _args_from_params(params, path / "params.json", None if embeddings is None else embeddings.shape[0])
+    n_embeddings = embeddings.shape[0] if embeddings is not None and embeddings.dim() else None
+    args = _args_from_params(params, path / "params.json", n_embeddings)
     return args, {name: (t, file) for name, t in tensors.items()}
 
 

@@ -63,7 +63,8 @@ def parse_args(argv):
                                      "or original layout, or OUT/final of an earlier run)" % ", ".join(model_lib.PRESETS))
     a("--tokenizer", help="'byte' or a tokenizer path; default: recorded in --init's config.json, the --init "
                           "directory itself if it holds one, else 'byte'")
-    a("--template", help="chat template (llama3, mistral, chatml, zephyr, none); default: recorded in --init, else none")
+    a("--template", help="chat template (llama3, mistral, mistral_v3, chatml, zephyr, none); "
+                         "default: recorded in --init, else none")
     a("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, help="LoRA scale alpha / r; default 2 * rank")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter path (LoRA paper; 0 = off)")
@@ -76,7 +77,7 @@ def parse_args(argv):
     a("--lr", type=float, help="peak learning rate; default 5e-7 full fine-tuning (paper, Zephyr), 5e-5 LoRA")
     a("--warmup", type=int, help="linear warmup steps, then cosine decay to 0; default 10%% of --steps")
     a("--steps", type=int, help="optimizer steps; default one epoch of --data")
-    a("--grad-clip", type=float, default=1.0)
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     a("--weight-decay", type=float, default=0.0)
     a("--max-length", type=int, default=1024, help="prompt + response tokens (longer responses are cut)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept (the end of the prompt)")
@@ -103,9 +104,18 @@ def parse_args(argv):
         raise ValueError("--quantize 4bit quantizes the frozen base under LoRA adapters: add --lora-rank")
     if args.loss == "sft" and args.pairs != "none":
         raise ValueError("--pairs builds preference pairs; --loss sft trains on the best response only")
-    for name in ("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_every", "eval_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # checked here, not where first used: a bad --beta would otherwise stop the run only after the reference
+    # log-probs of the whole data set are computed
+    for names, low, ok in ((("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_every", "eval_every",
+                             "steps"), ">= 1", lambda v: v >= 1),
+                           (("beta", "lora_alpha"), "> 0", lambda v: v > 0),
+                           (("alpha", "lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample"), ">= 0",
+                            lambda v: v >= 0),
+                           (("lora_dropout",), "in [0, 1)", lambda v: 0 <= v < 1)):
+        for name in names:
+            v = getattr(args, name)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {low}, got {v}")
     return args
 
 
@@ -256,9 +266,13 @@ def collate(examples, tok, args):
 # ----------------------------------------------------------------------------- checkpoints, logging
 
 def atomic_save(obj, path):
-    """Write beside, then rename: a crash mid-write leaves the previous file whole (os.replace is atomic)."""
+    """Write beside, flush to disk, then rename: a crash or power loss mid-write leaves the previous file whole
+    (os.replace is atomic; without the fsync the rename can reach the disk before the data)."""
     tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -268,7 +282,8 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in open(path)] if Path(path).is_file() else []
+    # a line cut short by a crash mid-append has no newline yet: skip it (resume rewrites the file without it)
+    return [json.loads(line) for line in open(path) if line.endswith("\n")] if Path(path).is_file() else []
 
 
 def hms(seconds):
@@ -308,9 +323,15 @@ def plot_curves(out):
 
 def setup_distributed(args):
     """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot (gloo)."""
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    try:
+        device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise ValueError(f"--device {args.device}: not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch {torch.__version__} sees no CUDA device")
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(args.device if args.device != "auto" else "cuda" if cuda else "cpu")
+        return 0, 1, device
     dist.init_process_group("nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
@@ -369,6 +390,9 @@ def train(args):
     master = rank == 0
     out = Path(args.out)
     ckpt_path = out / "ckpt" / "state.pt"
+    if ckpt_path.is_file() and not args.resume:  # a fresh run would overwrite it at its first save
+        raise ValueError(f"--out {out} holds the checkpoint of an earlier run ({ckpt_path}): pass --resume to "
+                         "continue it, or another --out to start afresh")
     if master:
         (out / "ckpt").mkdir(parents=True, exist_ok=True)
 
@@ -387,7 +411,18 @@ def train(args):
     global_batch = args.batch_size * args.grad_accum * world
     steps = args.steps or math.ceil(len(examples) / global_batch)
     warmup = steps // 10 if args.warmup is None else args.warmup
-    lr = args.lr or (5e-5 if args.lora_rank else 5e-7)
+    lr = args.lr if args.lr is not None else 5e-5 if args.lora_rank else 5e-7
+    # everything the run's future depends on: --resume refuses a checkpoint saved under other settings
+    args.run_config = {f"--{k.replace('_', '-')}": getattr(args, k) for k in (
+        "loss", "alpha", "beta", "lora_rank", "lora_dropout", "lora_targets", "quantize", "grad_clip", "weight_decay",
+        "max_length", "max_prompt_length", "seed")}
+    args.run_config.update({
+        "--data examples sha256": hashlib.sha256(json.dumps([asdict(e) for e in examples]).encode()).hexdigest(),
+        "--init": str(Path(args.init).expanduser().resolve()) if resolve_init(args) else args.init,
+        "--tokenizer": args.tokenizer_spec, "--template": args.template_name, "--lr": lr, "--warmup": warmup,
+        "--lora-alpha": args.lora_alpha or 2.0 * args.lora_rank,
+        "--steps": steps, "--dtype": str(dtype), "global batch (--batch-size x --grad-accum x processes)": global_batch})
+    ckpt = read_checkpoint(ckpt_path, args) if args.resume else None  # now, not after the reference log-probs
 
     # --- model: the base (the reference mu), then adapters, then the reference log-probs
     base_dtype = dtype if args.lora_rank else torch.float32  # full FT: float32 master weights
@@ -440,16 +475,14 @@ def train(args):
 
     # --- resume: everything a run's future depends on is in state.pt
     start = 0
-    if args.resume and ckpt_path.is_file():
-        start = load_checkpoint(ckpt_path, model, optimizer, schedule, args)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, ckpt_path, model, optimizer, schedule, args)
         if master:  # metrics logged after the checkpoint belong to the lost future: drop them
             rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
             tmp = out / "metrics.jsonl.tmp"  # rewritten beside, then renamed: a crash here keeps the old log
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, out / "metrics.jsonl")
             print(f"resumed from {ckpt_path} at step {start}")
-    elif args.resume:
-        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
     elif master and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
 
@@ -471,6 +504,7 @@ def train(args):
     def evaluate():
         """Loss and metrics over the held-out examples; every rank runs the same number of forwards
         (FSDP gathers weights collectively) and drops the filler rows."""
+        model.eval()  # no LoRA dropout: the metrics are deterministic and draw nothing from training's RNG
         mine = list(range(rank, len(eval_examples), world))
         n_batches = math.ceil(math.ceil(len(eval_examples) / world) / args.batch_size)
         sums, n = {}, 0
@@ -486,6 +520,7 @@ def train(args):
         totals = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals)
+        model.train()
         return dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))
 
     model.train()
@@ -500,7 +535,7 @@ def train(args):
             n_tok += ntok
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         keys = list(sums)
         vals = all_mean([sums[k] for k in keys] + [n_tok], world)
@@ -509,12 +544,13 @@ def train(args):
             raise FloatingPointError(f"non-finite loss {log['loss']} or gradient norm {grad_norm} at step "
                                      f"{step + 1}: stopped, nothing saved (last good checkpoint: {ckpt_path}); "
                                      f"try a lower --lr or --beta")
+        lr_used = schedule.get_last_lr()[0]  # after schedule.step() it is the next step's
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         dt, elapsed = time.time() - t_step, time.time() - t0
-        record = {"step": done, "split": "train", **log, "lr": schedule.get_last_lr()[0], "grad_norm": grad_norm,
+        record = {"step": done, "split": "train", **log, "lr": lr_used, "grad_norm": grad_norm,
                   "tokens_per_s": vals[-1] * world / dt, "elapsed_s": elapsed}
         if master:
             append_jsonl(out / "metrics.jsonl", record)
@@ -559,24 +595,41 @@ def progress_line(r, steps, eta):
 def save_checkpoint(path, model, optimizer, schedule, step, args, master):
     """Model (or only the adapters), optimizer, schedule, step (= data position), RNG: all gathered, rank 0
     writes one file atomically."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # with LoRA the frozen base is --init itself: keep only what trains (and do not copy 7B frozen weights to
+    # the CPU to drop them; the 4-bit base is buffers, hence the filter too)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(args.lora_rank))
     state = get_model_state_dict(model, options=opts)
-    if args.lora_rank:  # the frozen base is --init itself: keep only what trains
+    if args.lora_rank:
         state = {k: v for k, v in state.items() if ".lora_" in k}
     optim = get_optimizer_state_dict(model, optimizer, options=opts)
     if master:
         atomic_save({"step": step, "model": state, "optimizer": optim, "schedule": schedule.state_dict(),
                      "rng": torch.get_rng_state(), "model_args": asdict(model.args),
                      "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                     "lora": [args.lora_rank, args.lora_targets, args.quantize]}, path)
+                     "config": args.run_config}, path)
 
 
-def load_checkpoint(path, model, optimizer, schedule, args):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["model_args"] != asdict(model.args) or ckpt["lora"] != [args.lora_rank, args.lora_targets, args.quantize]:
-        raise ValueError(f"{path} was saved for model {ckpt['model_args']} with LoRA (rank, targets, quantize) "
-                         f"{ckpt['lora']}; this run builds {asdict(model.args)} with "
-                         f"{[args.lora_rank, args.lora_targets, args.quantize]}")
+def read_checkpoint(path, args):
+    """state.pt, refused unless the run that saved it had the same settings (args.run_config)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist")
+    try:  # mmap: under torchrun every rank reads the whole file, the page cache holds it once
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = ckpt["config"]
+    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF); an older file lacks our keys
+        raise ValueError(f"--resume: {path} ({path.stat().st_size:,} bytes) is not a readable checkpoint of this "
+                         f"train.py ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    diff = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in args.run_config.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"--resume: {path} was saved by a run with {', '.join(diff)}; resume with the same "
+                         f"settings, or start afresh in another --out")
+    return ckpt
+
+
+def load_checkpoint(ckpt, path, model, optimizer, schedule, args):
+    if ckpt["model_args"] != asdict(model.args):  # e.g. the --init directory now holds another model
+        raise ValueError(f"--resume: {path} was saved for model {ckpt['model_args']}; --init {args.init} builds "
+                         f"{asdict(model.args)}")
     opts = StateDictOptions(full_state_dict=True, strict=not args.lora_rank)
     set_model_state_dict(model, ckpt["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))

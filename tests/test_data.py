@@ -21,6 +21,11 @@ def sp_v1():
     return data.load_tokenizer(FIX / "mistral_v1.model")
 
 
+@pytest.fixture(scope="module")
+def sp_v3():
+    return data.load_tokenizer(FIX / "mistral_v3.model")
+
+
 # ----------------------------------------------------------------------------- formats and pairs
 
 Q1, Q2 = "What is 2+2?", "Name a colour."
@@ -108,6 +113,7 @@ GOOD = '{"prompt": "p", "responses": ["a", "b"], "rewards": [1, 2]}'
     ('{"prompt": "p", "responses": ["a", " "], "rewards": [1, 2]}', "field 'responses[1]': empty response"),
     ('{"prompt": 3, "responses": ["a", "b"], "rewards": [1, 2]}', "field 'prompt': expected a string"),
     ('[1, 2]', "expected a JSON object"),
+    pytest.param("[" * 100_000, "JSON line nested too deeply", id="deep nesting"),  # json would raise RecursionError
 ])
 def test_bad_reward_lines_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -201,15 +207,50 @@ def _pb(num, value):
     return varint(num << 3 | 2) + varint(len(value)) + value
 
 
+SP_SPECIAL_AND_BYTES = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(f"<0x{b:02X}>", 0.0, 6)
+                                                                                   for b in range(256)]
+
+
+def _sp_model(pieces):
+    """A SentencePiece ModelProto: pieces (piece, score, type), BPE with byte fallback, identity normaliser."""
+    model = b"".join(_pb(1, _pb(1, p) + _pb(2, s) + _pb(3, t)) for p, s, t in pieces)
+    return model + _pb(2, _pb(3, 2) + _pb(35, 1)) + _pb(3, _pb(1, "identity") + _pb(3, 1) + _pb(4, 0) + _pb(5, 1))
+
+
+@pytest.mark.parametrize("model, message", [
+    pytest.param(_sp_model(SP_SPECIAL_AND_BYTES + [("a", 0.0, 1), ("a", -1.0, 1)]), "piece 260 'a' appears twice",
+                 id="repeated piece"),
+    pytest.param(_sp_model(SP_SPECIAL_AND_BYTES[:100] + [("a", 0.0, 1)]), "97 byte pieces; byte fallback needs all 256",
+                 id="missing byte pieces"),
+    pytest.param(_sp_model(SP_SPECIAL_AND_BYTES[:3] + [("<0x0g>", 0.0, 6)] + SP_SPECIAL_AND_BYTES[4:]),
+                 "piece 3 '<0x0g>' is a byte piece; expected the name <0xXX>", id="bad byte piece"),
+    pytest.param(_sp_model(SP_SPECIAL_AND_BYTES + [("a", 0.0, 9)]),
+                 "piece 259: expected {piece: string, score: float, type: 1 .. 6}", id="unknown type"),
+    pytest.param(_pb(1, _pb(1, 5)), "piece 0: expected {piece: string", id="piece text is a number"),
+    pytest.param(_pb(1, _pb(1, "a") + _pb(2, "ab")), "piece 0: expected {piece: string, score: float",
+                 id="short score"),
+    pytest.param(b"\n\x0aabc", "field 1 says 10 bytes, 3 are left: truncated file?", id="length past the end"),
+    pytest.param(b"\n\x80", "a varint runs past the end: truncated file?", id="varint past the end"),
+])
+def test_a_malformed_sentencepiece_model_names_the_file_and_problem(tmp_path, model, message):
+    (tmp_path / "tokenizer.model").write_bytes(model)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "tokenizer.model")) + ".*" + re.escape(message)):
+        data.load_tokenizer(tmp_path)
+
+
+def test_a_truncated_mistral_model_is_reported_as_truncated(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes((FIX / "mistral_v1.model").read_bytes()[:300_000])
+    with pytest.raises(ValueError, match="tokenizer.model: not a SentencePiece model .*truncated file"):
+        data.load_tokenizer(tmp_path)
+
+
 def test_sentencepiece_piece_that_bpe_cannot_build_is_split_as_sentencepiece_does(tmp_path):
     # "▁abcd" is a piece, but BPE from its characters merges b+c first (score 0), then ▁+a, and
     # [▁a, bc, d] has no pair left: tiktoken alone would return the whole chunk as one token.
     normal = [("bc", 0.0), ("▁a", -1.0), ("cd", -2.0), ("▁abcd", -3.0),
               ("▁", -4.0), ("a", -5.0), ("b", -6.0), ("c", -7.0), ("d", -8.0)]
-    pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)] + [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
-    pieces += [(p, s, 1) for p, s in normal]
-    model = b"".join(_pb(1, _pb(1, p) + _pb(2, s) + _pb(3, t)) for p, s, t in pieces)
-    model += _pb(2, _pb(3, 2) + _pb(35, 1)) + _pb(3, _pb(1, "identity") + _pb(3, 1) + _pb(4, 0) + _pb(5, 1))
+    pieces = SP_SPECIAL_AND_BYTES + [(p, s, 1) for p, s in normal]
+    model = _sp_model(pieces)
     (tmp_path / "tokenizer.model").write_bytes(model)
     tok = data.load_tokenizer(tmp_path)
     ids = {p: i for i, (p, _, _) in enumerate(pieces)}
@@ -237,6 +278,30 @@ def test_llama3_reader_on_a_small_file_in_its_format(tmp_path):
     assert tok.encode("<|eot_id|>") == list(b"<|eot_id|>")  # special names in data stay text...
     assert tok.encode("<|eot_id|>", special=True) == [271]  # ...and are markers only in templates
     assert tok.decode([258, 259, 271]) == "This is<|eot_id|>"
+
+
+def _b64(token):
+    import base64
+    return base64.b64encode(token).decode()
+
+
+BYTE_LINES = [f"{_b64(bytes([b]))} {b}" for b in range(256)]
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([], ": no tokens"),
+    (BYTE_LINES + [f"{_b64(b'ab')} 5"], ":257: rank 5: expected ranks 0, 1, 2, ... each once "
+                                        "(rank 5 is also at line 6)"),
+    (BYTE_LINES + [f"{_b64(b'ab')} -1"], ":257: rank -1: expected ranks 0, 1, 2, ... each once"),
+    (BYTE_LINES + [f"{_b64(b'a')} 256"], ":257: token b'a' already has rank 97 (line 98)"),
+    (BYTE_LINES + [f"{_b64(b'ab')} 10000000000"], ":257: rank 10000000000: expected ranks 0 .. 256"),  # not 80 GB
+    ([f"{_b64(b'ab')} 0"] + BYTE_LINES[1:], ": no token for byte 0x00"),
+])
+def test_a_malformed_tiktoken_file_names_the_file_line_and_problem(tmp_path, lines, message):
+    for name in ("tokenizer.model", "gpt2.tiktoken"):  # Llama 3 and GPT-2 read the same format
+        (tmp_path / name).write_text("".join(line + "\n" for line in lines))
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}{message}")):
+            data.load_tokenizer(tmp_path / name)
 
 
 @pytest.mark.skipif(not os.environ.get("NCA_LLAMA3_TOKENIZER"),
@@ -274,8 +339,58 @@ def test_tekken_reader_on_a_small_file_in_its_format(tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 11, 282)
     assert tok.encode("[INST]x", special=True) == [3, 24 + 120]
     assert tok.special_ids["<SPECIAL_23>"] == 23  # fillers up to default_num_special_tokens
+    # mistral_v3 (Mistral Nemo's format): [INST] ab [/INST] abc </s> [INST] z z [/INST], no spaces added
+    chat = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "abc"},
+            {"role": "user", "content": "zz"}]
+    assert tok.encode(data.render("mistral_v3", chat)[0], special=True) == \
+        [3, 24 + 256, 4, 24 + 257, 2, 3, 24 + 122, 24 + 122, 4]
     _write_tekken(tmp_path / "tekken.json", ["<unk>", "<s>", "</s>", "<pad>"])
     assert data.load_tokenizer(tmp_path / "tekken.json").pad_id == 3
+    _write_tekken(tmp_path / "tekken.json", ["<unk>", "<s>", "</s>"])  # no <pad>: padding is masked, id 0 will do
+    no_pad = data.load_tokenizer(tmp_path / "tekken.json")
+    assert (no_pad.bos_id, no_pad.eos_id, no_pad.pad_id) == (1, 2, 0)
+
+
+def _set(key, value):
+    """A change to a tekken.json dict: key "a.b.0.c" -> m["a"]["b"][0]["c"] = value (None deletes it)."""
+    def change(m):
+        *path, last = [int(k) if k.isdigit() else k for k in key.split(".")]
+        for k in path:
+            m = m[k]
+        if value is None:
+            del m[last]
+        else:
+            m[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set("config", None), "field 'config': expected an object"),
+    (_set("config.default_num_special_tokens", "24"), "field 'config.default_num_special_tokens': expected an integer"),
+    (_set("config.default_vocab_size", 20), "field 'config.default_vocab_size': expected an integer in 280 .. 283"),
+    (_set("vocab", {}), "field 'vocab': expected a list"),
+    (_set("vocab.3.rank", 4), "field 'vocab[3]': expected {rank: 3, token_bytes: base64 string}"),
+    (_set("vocab.4.token_bytes", "Aw=="), "field 'vocab[4].token_bytes': expected the base64 of a token not seen"),
+    (_set("vocab.4.token_bytes", "!!"), "field 'vocab[4].token_bytes': expected the base64"),
+    (_set("vocab.3.token_bytes", "eHk="), "no token for byte 0x03"),  # b"xy": byte 3 is gone
+    (_set("config.pattern", "("), "field 'config.pattern': not a valid regular expression"),
+    (_set("special_tokens.1.token_str", None), "field 'special_tokens': expected a list of {rank: int, token_str"),
+    (_set("special_tokens.1.rank", 7), "field 'special_tokens': expected ranks 0, 1, 2, ... and names, each once"),
+    (_set("special_tokens.1.token_str", "<unk>"), "field 'special_tokens': expected ranks 0, 1, 2, ... and names"),
+    (lambda m: m["special_tokens"].extend({"rank": i, "token_str": f"<x{i}>"} for i in range(4, 30)),
+     "field 'config.default_num_special_tokens': expected >= 30"),  # 30 names for 24 ids
+])
+def test_a_malformed_tekken_file_names_the_file_and_the_field(tmp_path, change, message):
+    path = tmp_path / "tekken.json"
+    _write_tekken(path, ["<unk>", "<s>", "</s>", "<pad>"])
+    model = json.loads(path.read_text())
+    change(model)
+    path.write_text(json.dumps(model))
+    with pytest.raises(ValueError, match=re.escape(f"{path}") + ".*" + re.escape(message)):
+        data.load_tokenizer(path)
+    path.write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a JSON file")):
+        data.load_tokenizer(path)
 
 
 @pytest.mark.skipif(not os.environ.get("NCA_TEKKEN_TOKENIZER"),
@@ -321,6 +436,10 @@ def test_templates_render_the_reference_chat_formats():
         "<|eot_id|>")
     assert data.render("mistral", chat + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]) \
         == ("[INST] Be brief.\n\nHi [/INST] Yo</s>[INST] Bye [/INST]", "</s>")
+    # mistral-common joins the system messages and puts them before the first user turn (v1) or the last (v3)
+    late = [chat[1], {"role": "assistant", "content": "Yo"}, chat[0], {"role": "user", "content": "Bye"}]
+    assert data.render("mistral", late) == ("[INST] Be brief.\n\nHi [/INST] Yo</s>[INST] Bye [/INST]", "</s>")
+    assert data.render("mistral_v3", late) == ("[INST]Hi[/INST]Yo</s>[INST]Be brief.\n\nBye[/INST]", "</s>")
     assert data.render("zephyr", chat) == ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n", "</s>")
     assert data.render("chatml", "Hi") == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
     assert data.render("none", "Hi") == ("Hi", None)
@@ -335,17 +454,79 @@ def test_earlier_mistral_assistant_turns_get_the_tokens_of_a_scored_response(sp_
     assert sp_v1.encode(data.render("mistral", chat)[0], special=True) == want
 
 
+# mistral-common's own expected ids for one chat under its v1 and v3 SentencePiece instruct tokenizers
+# (mistralai/mistral-common, tests/data/expected/chat-sample-no-tools-spm-v{1,3}/expected.json; the same
+# tokenizer files as tests/fixtures/data): independent of data.py's templates and of sentencepiece
+MISTRAL_CHAT = ["What's the result of 5 + 5?", "The result of 5 + 5 is 10.", "What is the square root of 64?",
+                "The square root of 64 is 8, because 8 x 8 equals 64.",
+                "Can you multiply the results of the previous two questions?", "Sure! The result of 10 x 8 is 80.",
+                "Thanks"]
+MISTRAL_COMMON_IDS = {
+    "mistral": [1, 733, 16289, 28793, 1824, 28742, 28713, 272, 1204, 302, 28705, 28782, 648, 28705, 28782, 28804,
+                733, 28748, 16289, 28793, 415, 1204, 302, 28705, 28782, 648, 28705, 28782, 349, 28705, 28740, 28734,
+                28723, 2, 733, 16289, 28793, 1824, 349, 272, 7930, 5557, 302, 28705, 28784, 28781, 28804, 733,
+                28748, 16289, 28793, 415, 7930, 5557, 302, 28705, 28784, 28781, 349, 28705, 28783, 28725, 1096,
+                28705, 28783, 1318, 28705, 28783, 21588, 28705, 28784, 28781, 28723, 2, 733, 16289, 28793, 2418,
+                368, 17669, 346, 272, 2903, 302, 272, 3454, 989, 4224, 28804, 733, 28748, 16289, 28793, 12875,
+                28808, 415, 1204, 302, 28705, 28740, 28734, 1318, 28705, 28783, 349, 28705, 28783, 28734, 28723, 2,
+                733, 16289, 28793, 8868, 733, 28748, 16289, 28793],
+    "mistral_v3": [1, 3, 2592, 29510, 29481, 1040, 1972, 1070, 29473, 29550, 1416, 29473, 29550, 29572, 4, 1183,
+                   1972, 1070, 29473, 29550, 1416, 29473, 29550, 1117, 29473, 29508, 29502, 29491, 2, 3, 2592, 1117,
+                   1040, 8698, 6325, 1070, 29473, 29552, 29549, 29572, 4, 1183, 8698, 6325, 1070, 29473, 29552,
+                   29549, 1117, 29473, 29551, 29493, 1864, 29473, 29551, 2086, 29473, 29551, 22356, 29473, 29552,
+                   29549, 29491, 2, 3, 3186, 1136, 18437, 1114, 1040, 3671, 1070, 1040, 4222, 1757, 4992, 29572, 4,
+                   13643, 29576, 1183, 1972, 1070, 29473, 29508, 29502, 2086, 29473, 29551, 1117, 29473, 29551,
+                   29502, 29491, 2, 3, 9636, 4]}
+
+
+@pytest.mark.parametrize("template, model, inst_end", [("mistral", "mistral_v1", 28793),  # "]" of "▁[/INST]"
+                                                       ("mistral_v3", "mistral_v3", 4)])  # the [/INST] token
+def test_mistral_templates_give_mistral_commons_ids(template, model, inst_end):
+    tok = data.load_tokenizer(FIX / f"{model}.model")
+    chat = [{"role": ("user", "assistant")[n % 2], "content": c} for n, c in enumerate(MISTRAL_CHAT)]
+    want = MISTRAL_COMMON_IDS[template]
+    assert data.prompt_ids([chat], tok, template=template, max_length=256, max_prompt_length=200) == [want]
+    # training on the last answer: the same ids up to its EOS, scored from just after the last "[/INST]"
+    eos = len(want) - 1 - want[::-1].index(2)
+    start = eos - want[eos::-1].index(inst_end) + 1
+    batch = data.collate([data.Example(chat[:5], [MISTRAL_CHAT[5]], [0.0])], tok, template=template)
+    assert batch["tokens"][0].tolist() == want[:eos + 1]
+    assert batch["loss_mask"][0].tolist() == [False] * start + [True] * (eos + 1 - start)
+
+
+def test_mistral_v3_puts_the_system_prompt_in_the_last_user_turn(sp_v3):
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(FIX / "mistral_v3.model"))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo there "}, {"role": "user", "content": "Bye"}]
+    # mistral-common v3: [INST] text [/INST] with the text encoded alone; earlier answers without trailing
+    # spaces, then EOS; the system prompt + "\n\n" opens the last user turn
+    want = [3, *sp.encode("Hi"), 4, *sp.encode("Yo there"), 2, 3, *sp.encode("Be brief.\n\nBye"), 4]
+    assert sp_v3.encode(data.render("mistral_v3", chat)[0], special=True) == want
+
+
+def test_a_mistral_template_that_does_not_fit_the_tokenizer_is_refused(sp_v1, sp_v3):
+    # the v1 template on v3 would spell "▁" + [INST]'s text out around control tokens: wrong ids, no error
+    with pytest.raises(ValueError, match=r"template 'mistral' does not fit tokenizer 'mistral_v3.model', where "
+                                         r"\[INST\] is a control token: use 'mistral_v3'"):
+        data.collate([data.Example("p", ["a"], [0.0])], sp_v3, template="mistral")
+    with pytest.raises(ValueError, match=r"template 'mistral_v3' does not fit tokenizer 'mistral_v1.model', where "
+                                         r"\[INST\] is plain text: use 'mistral'"):
+        data.end_of_turn(sp_v1, "mistral_v3")
+
+
 @pytest.fixture(scope="module")
-def template_tokenizers(sp_v1, tmp_path_factory):
+def template_tokenizers(sp_v1, sp_v3, tmp_path_factory):
     """Each template with a tokeniser whose special tokens include its end-of-turn marker."""
     d = tmp_path_factory.mktemp("tok")
     _write_tiktoken_file(d / "tokenizer.model", [b"is", b"Th", b"This", b" is", b" t", b"es"])
     _write_tekken(d / "tekken.json", ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"])
-    return {"none": sp_v1, "mistral": sp_v1, "zephyr": sp_v1, "llama3": data.load_tokenizer(d / "tokenizer.model"),
+    return {"none": sp_v1, "mistral": sp_v1, "mistral_v3": sp_v3, "zephyr": sp_v1,
+            "llama3": data.load_tokenizer(d / "tokenizer.model"),
             "chatml": data.load_tokenizer(d / "tekken.json")}
 
 
-@pytest.mark.parametrize("template", ["none", "mistral", "zephyr", "llama3", "chatml"])
+@pytest.mark.parametrize("template", ["none", "mistral", "mistral_v3", "zephyr", "llama3", "chatml"])
 def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(template_tokenizers, template):
     tok = template_tokenizers[template]
     examples = [data.Example("What is 2+2?", ["4", "Four, of course."], [1.0, 0.0]),

@@ -2,7 +2,7 @@
 
 Golden values: float64 finite differences (torch.autograd.gradcheck) for the kernel itself, and the
 readable reference (full logits + log_softmax, differentiated by autograd) for the masked,
-per-sequence version. Shapes are chosen so that N and V are not multiples of the chunk size.
+per-sequence version. Shapes are chosen so that N and V are not multiples of the tile size.
 """
 import pytest
 import torch
@@ -34,17 +34,17 @@ def value_and_grads(impl, h, W, targets, mask, g, **kw):
 def test_fused_kernel_gradients_pass_float64_gradcheck(w_frozen):
     h, W, targets, _ = batch(B=2, T=11, d=5, V=13, dtype=torch.float64)
     h, W, targets = h[0].requires_grad_(), W.requires_grad_(not w_frozen), targets[0]
-    # chunk = 4: three chunks, the last one ragged; W frozen forms d log p / d h in forward
-    assert torch.autograd.gradcheck(lambda h, W: nca.FusedLogp.apply(h, W, targets, w_frozen, 4), (h, W))
+    # tiles of 4 x 5 over [11, 13]: ragged in both directions, the online logsumexp runs over 3 vocabulary tiles
+    assert torch.autograd.gradcheck(lambda h, W: nca.FusedLogp.apply(h, W, targets, True, (4, 5)), (h, W))
 
 
 @pytest.mark.parametrize("w_frozen", [False, True])
-def test_fused_equals_reference_float32_with_masks_ragged_chunks_and_per_sequence_grads(w_frozen):
+def test_fused_equals_reference_float32_with_masks_ragged_tiles_and_per_sequence_grads(w_frozen):
     h, W, targets, mask = batch()
     W.requires_grad_(not w_frozen)
     g = torch.tensor([1.0, -2.0, 0.5, 3.0])
     ref = value_and_grads("reference", h, W, targets, mask, g)
-    fused = value_and_grads("fused", h, W, targets, mask, g, chunk=16)  # N = mask.sum() is not a multiple of 16
+    fused = value_and_grads("fused", h, W, targets, mask, g, tile=(16, 100))  # V = 1003: 11 tiles, the last of 3
     assert mask.sum() % 16 != 0 and fused[0].dtype == torch.float32
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
@@ -61,20 +61,32 @@ def test_fused_bfloat16_is_as_accurate_as_the_reference():
     g = torch.tensor([1.0, -2.0, 0.5, 3.0])
     exact = value_and_grads("reference", h.double(), W.double().requires_grad_(), targets, mask, g)  # same numbers
     ref = value_and_grads("reference", h, W, targets, mask, g)
-    fused = value_and_grads("fused", h, W, targets, mask, g, chunk=48)
+    fused = value_and_grads("fused", h, W, targets, mask, g, tile=(48, 500))
     assert fused[1].dtype == fused[2].dtype == torch.bfloat16
     for f, r, e in zip(fused, ref, exact):  # bf16 logits keep ~3 digits; sums run in float32
         error = lambda x: ((x.double() - e).norm() / e.norm()).item()
         assert error(f) < max(1.25 * error(r), 1e-6) and error(f) < 0.01
 
 
-def test_target_probability_underflowing_float32_is_still_exact():
+@pytest.mark.parametrize("tile", [(2048, 2048), (3, 7)])
+def test_huge_logits_target_probability_underflowing_float32_is_still_exact(tile):
     h, W, targets, mask = batch(B=2, T=8, d=8, V=101)
-    W = W * 200  # logits ~ +-1e3: most targets have p < 1e-38 in float32
-    exact = nca.sequence_logps_reference(h.double(), W.double(), targets, mask)  # float64 log_softmax
-    fused = nca.sequence_logps(h, W, targets, mask, impl="fused")
-    assert exact[0] < -1e3 and torch.isfinite(fused).all()
-    torch.testing.assert_close(fused.double(), exact.double(), rtol=1e-5, atol=0)
+    W = W * 200  # logits ~ +-1e3: most targets have p < 1e-38 in float32; small tiles rescale by exp(-1e3)
+    g = torch.tensor([1.0, -2.0])
+    h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()  # the readable formula, in float64
+    exact = torch.log_softmax(h64 @ W64.T, -1).gather(-1, targets[..., None]).squeeze(-1).where(mask, 0.0).sum(-1)
+    (exact @ g.double()).backward()
+    fused = value_and_grads("fused", h, W.requires_grad_(), targets, mask, g, tile=tile)
+    assert exact[0] < -1e3 and all(torch.isfinite(x).all() for x in fused)
+    for f, e in zip(fused, (exact.detach(), h64.grad, W64.grad)):
+        torch.testing.assert_close(f.double(), e, rtol=1e-5, atol=1e-3)
+
+
+def test_without_gradients_only_the_logsumexp_is_formed_and_values_agree():
+    h, W, targets, mask = batch()
+    with torch.no_grad():  # the reference policy's log-probs: one matmul, no d log p / d h
+        fused = nca.sequence_logps(h.requires_grad_(), W, targets, mask, tile=(16, 100))
+    torch.testing.assert_close(fused, nca.sequence_logps_reference(h, W, targets, mask).detach(), rtol=1e-5, atol=1e-4)
 
 
 def test_unmasked_positions_never_reach_the_kernel():

@@ -81,6 +81,16 @@ def test_merged_outputs_equal_unmerged_and_unmerge_restores_the_base():
     torch.testing.assert_close(model.layers[0].feed_forward.w2.weight, base_w, rtol=0, atol=1e-6)
 
 
+def test_merging_inside_disabled_is_refused_so_disabled_stays_the_reference():
+    model, x = lora.inject(tiny(), r=4, alpha=8.0), tokens()
+    randomize_adapters(model)
+    with torch.no_grad(), lora.disabled(model):
+        mu = model(x)
+        with pytest.raises(ValueError, match=r"merge\(\): the adapters are switched off"):
+            lora.merge(model)
+        assert torch.equal(model(x), mu)
+
+
 def test_bf16_unmerge_restores_the_base_only_up_to_two_bf16_roundings():
     # the documented limit of unmerge: W' = bf16(bf16(W + D) - D), D = (alpha/r) B A in float32
     model = lora.inject(tiny().bfloat16(), r=4, alpha=8.0)
@@ -153,6 +163,42 @@ def test_loading_an_adapter_into_another_shape_or_targets_fails_clearly(tmp_path
         lora.load_adapter(tiny(), tmp_path / "other.pt")
 
 
+WQ_A = "layers.0.attention.wq.lora_A"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(targets="q"), "targets must be a list, shapes and state dicts"),
+    (lambda c: c.update(state=[]), "targets must be a list, shapes and state dicts"),
+    (lambda c: c.update(shapes=None), "targets must be a list, shapes and state dicts"),
+    (lambda c: c.update(targets=["q", "query"]), r"LoRA targets \['q', 'query'\]: unknown \['query'\]"),
+    (lambda c: c.update(r=4.0), "LoRA rank r must be an integer >= 1, got 4.0"),
+    (lambda c: c["state"].update({WQ_A: torch.zeros(4, ARGS.dim, dtype=torch.int64)}),
+     f"{WQ_A}: expected a floating point .* found torch.int64"),
+    (lambda c: c["state"].update({WQ_A: torch.zeros(5, ARGS.dim)}),
+     rf"{WQ_A}: expected a floating point tensor of shape \[4, 64\], found .* \[5, 64\]"),
+    (lambda c: c["state"].update({"layers.0.attention.wk.lora_A": torch.zeros(4, ARGS.dim)}),
+     r"tensors \['layers.0.attention.wk.lora_A'\] match no adapter of the model"),
+])
+def test_malformed_adapter_file_names_the_file_and_the_entry(tmp_path, edit, message):
+    path = tmp_path / "adapter.pt"
+    lora.save_adapter(lora.inject(tiny(), targets=("q", "v"), r=4, alpha=8.0), path)
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=message) as e:
+        lora.load_adapter(tiny(), path)                      # injects from the file's header
+    assert str(path) in str(e.value)
+
+
+def test_truncated_adapter_file_is_refused_by_name(tmp_path):
+    lora.save_adapter(lora.inject(tiny(), targets=("q",), r=4, alpha=8.0), tmp_path / "adapter.pt")
+    raw = (tmp_path / "adapter.pt").read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 100):          # torch raises RuntimeError for one, OSError for the other
+        (tmp_path / "adapter.pt").write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="adapter.pt: cannot read as a LoRA adapter file"):
+            lora.load_adapter(tiny(), tmp_path / "adapter.pt")
+
+
 # ----------------------------------------------------------------------------- NF4 / QLoRA
 
 
@@ -178,6 +224,36 @@ def test_nf4_error_on_gaussian_weights_is_within_half_a_level_gap_and_below_int4
     # QLoRA §3: NF4 suits normal weights better than uniform 4-bit absmax (levels k/7, k = -7..7)
     int4 = torch.round(w.view(-1, 64) / scale * 7) / 7 * scale - w.view(-1, 64)
     assert err.pow(2).mean() < 0.9 * int4.pow(2).mean()
+
+
+@pytest.mark.parametrize("shape, dtype", [((7, 9), torch.bfloat16), ((1, 1), torch.float32), ((3, 130), torch.float16)])
+def test_nf4_on_shapes_not_a_multiple_of_the_block_and_in_16_bit(shape, dtype):
+    # 63, 1 and 390 weights: the last block is zero padded; the padding must not leak into the weights
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    packed, absmax = lora.quantize_nf4(w)
+    assert packed.numel() == 32 * absmax.numel() and absmax.numel() == -(-w.numel() // 64)
+    back = lora.dequantize_nf4(packed, absmax, shape, dtype)
+    assert back.dtype == dtype and back.shape == shape
+    flat = F.pad(w.float().reshape(-1), (0, -w.numel() % 64)).view(-1, 64)
+    scale = flat.abs().amax(dim=1, keepdim=True).expand(-1, 64).reshape(-1)[: w.numel()].view(shape)
+    half_gap = (lora.NF4[1:] - lora.NF4[:-1]).max() / 2
+    # nearest level, the bf16 scale, and the rounding of the result to dtype
+    assert ((back.float() - w.float()).abs() <= scale * (half_gap + 2**-7)).all()
+
+
+def test_nf4_of_zeros_is_exactly_zero_and_a_zero_block_does_not_disturb_its_neighbour():
+    w = torch.zeros(2, 64)
+    w[1] = torch.linspace(-3, 3, 64)
+    packed, absmax = lora.quantize_nf4(w)
+    back = lora.dequantize_nf4(packed, absmax, w.shape, torch.float32)
+    assert torch.equal(back[0], torch.zeros(64)) and back[1].isfinite().all()
+    assert back[1].abs().max() == 3.0 and back[1][31:33].abs().max() < 0.3   # absmax exact in bf16; near 0 -> small
+
+
+def test_quantize_4bit_refuses_a_block_size_that_is_not_an_even_integer():
+    for block_size in (63, 0, 64.0):
+        with pytest.raises(ValueError, match=f"block_size must be a positive even number, got {block_size}"):
+            lora.quantize_4bit(lora.inject(tiny(), r=2), block_size)
 
 
 def test_nf4_linear_matches_a_linear_layer_on_the_dequantised_weight_forward_and_backward():

@@ -180,6 +180,11 @@ def test_top_p_stops_at_the_token_whose_mass_reaches_p_exactly():
     assert (draws == 0).all()
 
 
+def test_negative_temperature_is_refused():
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1.0"):
+        model.sample(torch.zeros(1, 4), temperature=-1.0)
+
+
 def test_sampled_generation_is_reproducible_with_a_generator():
     m = tiny()
     runs = [generate(m, [[1, 2], [3]], max_new_tokens=5, temperature=1.0, top_p=0.9,
@@ -215,12 +220,42 @@ F32x6 = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
     (st({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': expected {dtype"),
     (st({"a": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "tensor 'a': expected {dtype"),
     (st(b"{not json"), "not valid JSON"),
+    pytest.param(st(b"[" * 100_000 + b"]" * 100_000), "not valid JSON", id="nesting too deep for the parser"),
+    # the official reader's rule: the tensors tile the data section exactly
+    (st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+         "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12), "'a' .* and 'b' .* leave a gap"),
+    (st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+     r"cover bytes \[4, 8\] of a data section of 8 bytes"),
+    (st(F32x6, b"\0" * 28), r"cover bytes \[0, 24\] of a data section of 28 bytes"),  # bytes appended
 ])
 def test_corrupt_safetensors_give_a_clear_error_naming_file_and_tensor(tmp_path, raw, message):
     (tmp_path / "x.safetensors").write_bytes(raw)
     with pytest.raises(ValueError, match=message) as e:
         model.read_safetensors(tmp_path / "x.safetensors")
     assert str(tmp_path / "x.safetensors") in str(e.value)
+
+
+def test_safetensors_header_length_over_the_format_limit_is_refused_before_reading_it(tmp_path):
+    with open(tmp_path / "x.safetensors", "wb") as f:  # sparse: 200 MB on paper, nothing written
+        f.write((150_000_000).to_bytes(8, "little"))
+        f.truncate(200_000_000)
+    with pytest.raises(ValueError, match="x.safetensors: header length 150000000 is over the format's limit"):
+        model.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_writing_a_dtype_safetensors_cannot_hold_names_the_tensor(tmp_path):
+    with pytest.raises(ValueError, match="tensor 'c' has dtype torch.complex64, which this writer does not support"):
+        model.write_safetensors(tmp_path / "x.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_overwriting_a_safetensors_file_with_tensors_read_from_it(tmp_path):
+    # the tensors read are views of an mmap of the file: truncating it in place would kill the process (SIGBUS)
+    model.write_safetensors(tmp_path / "x.safetensors", {"a": torch.arange(6.0), "b": torch.ones(2, 3)})
+    tensors = model.read_safetensors(tmp_path / "x.safetensors")
+    model.write_safetensors(tmp_path / "x.safetensors", {"b": tensors["b"], "a": tensors["a"] * 2})
+    back = model.read_safetensors(tmp_path / "x.safetensors")
+    assert torch.equal(back["a"], torch.arange(6.0) * 2) and torch.equal(back["b"], torch.ones(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
 
 
 def test_valid_safetensors_read_back_exactly(tmp_path):
@@ -294,6 +329,54 @@ def test_truncated_real_shard_names_the_tensor_that_runs_past_the_end(tmp_path):
     (d / "model.safetensors").write_bytes(raw[:-100])
     with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*': data_offsets .* out of range.*truncated"):
         model.load(d)
+
+
+def edit_json(tmp_path, case, layout, file, edit):
+    d = shutil.copytree(FIXTURES / case / layout, tmp_path / "ckpt")
+    (d / file).write_text(json.dumps(edit(json.loads((d / file).read_text()))))
+    return d
+
+
+def without(cfg, *keys):
+    return {k: v for k, v in cfg.items() if k not in keys}
+
+
+@pytest.mark.parametrize("case, layout, file, edit, message", [
+    ("llama", "hf", "config.json", lambda c: [c], "config.json: expected a JSON object, got list"),
+    ("llama", "hf", "config.json", lambda c: without(c, "hidden_size"), "'hidden_size' must be int, but it is missing"),
+    ("llama", "hf", "config.json", lambda c: {**c, "rope_scaling": "linear"}, "'rope_scaling' .* must be an object"),
+    ("llama", "hf", "config.json", lambda c: {**c, "rms_norm_eps": -1e-5}, "norm_eps must be a finite number > 0"),
+    ("llama", "hf", "config.json", lambda c: {**c, "rope_theta": 0}, "rope_theta must be a finite number > 0, got 0"),
+    ("mistral", "hf", "model.safetensors.index.json", lambda c: [c], "index.json: expected a JSON object"),
+    ("mistral", "hf", "model.safetensors.index.json", lambda c: {"weight_map": dict.fromkeys(c["weight_map"], 1)},
+     "index.json: expected a 'weight_map' object of tensor name -> shard file name"),
+    ("mistral", "original", "params.json", lambda c: [c], "params.json: expected a JSON object"),
+    ("mistral", "original", "params.json", lambda c: {**without(c, "hidden_dim"), "ffn_dim_multiplier": "1.3"},
+     "params.json: field 'ffn_dim_multiplier' must be int or float, got '1.3'"),
+    ("mistral", "original", "params.json", lambda c: {**without(c, "hidden_dim"), "multiple_of": 0},
+     "params.json: field 'multiple_of' must be a positive integer, got 0"),
+])
+def test_malformed_config_fields_name_the_file_and_the_field(tmp_path, case, layout, file, edit, message):
+    with pytest.raises(ValueError, match=message):
+        model.load(edit_json(tmp_path, case, layout, file, edit))
+
+
+def test_original_checkpoint_with_a_scalar_embedding_and_no_vocab_size_is_refused_clearly(tmp_path):
+    # Llama 2's vocab_size -1 means "ask the embedding"; a 0-d embedding cannot answer
+    d = edit_json(tmp_path, "llama", "original", "params.json", lambda c: {**c, "vocab_size": -1})
+    tensors = {k: v.clone() for k, v in model.read_safetensors(d / "consolidated.safetensors").items()}
+    tensors["tok_embeddings.weight"] = torch.tensor(1.0)
+    model.write_safetensors(d / "consolidated.safetensors", tensors)
+    with pytest.raises(ValueError, match="params.json: ModelArgs: vocab_size must be a positive integer, got -1"):
+        model.load(d)
+
+
+def test_hf_checkpoint_with_the_rope_table_of_older_transformers_loads(tmp_path):
+    # older transformers saved each layer's rotary_emb.inv_freq; it is derived from rope_theta, not a weight
+    d = edit_checkpoint(tmp_path, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8)
+                                                      for i in range(2)}))
+    m, want = model.load(d), model.load(FIXTURES / "llama" / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), want.state_dict().values()))
 
 
 def test_meta_params_json_of_llama_3_8b_gives_the_preset():

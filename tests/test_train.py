@@ -1,4 +1,5 @@
 """train.py end to end on a tiny model (preset "tiny", byte tokenizer) and a few lines of jsonl in tmp_path."""
+import io
 import json
 import os
 import subprocess
@@ -81,25 +82,101 @@ def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_ini
     assert "loss" in result
 
 
-def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_path, monkeypatch):
-    _, whole = run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", out="whole")
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0.5", "--lr", "1e-2"]])
+def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_path, monkeypatch, extra):
+    # with LoRA dropout the masks come from the RNG: resuming must restore it, not only the weights
+    args = ["--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", *extra]
+    _, whole = run(tmp_path, *args, out="whole")
     append = train.append_jsonl
 
     def crash_after_step_3(path, record):
         append(path, record)
         if record["step"] == 3:
+            with open(path, "a") as f:  # killed in the middle of writing step 4's line
+                f.write('{"step": 4, "split": "tr')
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(train, "append_jsonl", crash_after_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", out="cut")
+        run(tmp_path, *args, out="cut")
     monkeypatch.setattr(train, "append_jsonl", append)
-    _, resumed = run(tmp_path, "--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", "--resume",
-                     out="cut")
-    assert [r["step"] for r in resumed if r["split"] == "train"] == [1, 2, 3, 4, 5]
-    assert losses(resumed) == losses(whole)  # exactly, on CPU
-    assert [r["grad_norm"] for r in resumed if r["split"] == "train"] == \
-           [r["grad_norm"] for r in whole if r["split"] == "train"]
+    _, resumed = run(tmp_path, *args, "--resume", out="cut")
+    timing = ("tokens_per_s", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in whole]  # exactly, on CPU: loss, lr, grad norm
+    a, b = (torch.load(tmp_path / n / "ckpt" / "state.pt", weights_only=True) for n in ("whole", "cut"))
+    assert a["step"] == b["step"] == 5 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    save = torch.save
+
+    def disk_full_at_step_2(obj, f):
+        if isinstance(obj, dict) and obj.get("step") == 2:  # half the bytes reach the file, then the write fails
+            buf = io.BytesIO()
+            save(obj, buf)
+            with open(f, "wb") if isinstance(f, (str, os.PathLike)) else nullcontext(f) as fh:
+                fh.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            raise OSError("No space left on device")
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    with pytest.raises(OSError, match="No space"):
+        run(tmp_path, "--save-every", "1", "--steps", "3", "--no-export")
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)["step"] == 1
+    _, rows = run(tmp_path, "--save-every", "1", "--steps", "3", "--no-export", "--resume")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_logged_lr_is_the_rate_each_step_used_linear_warmup_then_cosine(tmp_path):
+    _, rows = run(tmp_path, "--lr", "1e-3", "--warmup", "2", "--steps", "4", "--no-export")
+    # warmup (s + 1) / 2 for s = 0, 1; then 0.5 (1 + cos(pi (s - 2) / 2)) for s = 2, 3
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4], rel=1e-12)
+
+
+def test_grad_clip_zero_turns_clipping_off(tmp_path):
+    _, off = run(tmp_path, "--grad-clip", "0", "--steps", "3", "--no-export", out="off")
+    _, huge = run(tmp_path, "--grad-clip", "1e9", "--steps", "3", "--no-export", out="huge")
+    assert losses(off) == losses(huge) and losses(off)[-1] < losses(off)[0]
+
+
+def test_evaluation_does_not_change_training_no_dropout_no_rng_drawn(tmp_path):
+    held_out = write_reward_data(tmp_path / "eval.jsonl", n=3)
+    args = ["--lora-rank", "4", "--lora-dropout", "0.5", "--lr", "1e-2", "--steps", "3", "--eval-data", held_out,
+            "--no-export"]
+    _, often = run(tmp_path, *args, "--eval-every", "1", out="often")
+    _, once = run(tmp_path, *args, out="once")
+    assert losses(often) == losses(once)
+    evals = [[r for r in rows if r["split"] == "eval"] for rows in (often, once)]
+    assert len(evals[0]) == 3 and evals[0][-1] == evals[1][-1]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0.5", "--lr", "1e-2"]])
+def test_activation_checkpointing_gives_the_same_losses_gradients_and_weights(tmp_path, monkeypatch, extra):
+    calls = []
+    checkpoint = model_lib.checkpoint
+    monkeypatch.setattr(model_lib, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    _, plain = run(tmp_path, "--steps", "3", "--no-export", *extra, out="plain")
+    assert not calls
+    _, ckpt = run(tmp_path, "--steps", "3", "--no-export", "--checkpointing", *extra, out="ckpt")
+    assert len(calls) == 3 * 2  # 3 steps x 2 blocks, in training only (not the reference, not generation)
+    for k in ("loss", "grad_norm"):
+        assert [r[k] for r in ckpt] == pytest.approx([r[k] for r in plain], rel=1e-6, abs=0)
+    a, b = (torch.load(tmp_path / n / "ckpt" / "state.pt", weights_only=True)["model"] for n in ("plain", "ckpt"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_losses_as_eager(tmp_path):
+    # needs a C++ compiler on CPU (inductor); about 15 s cold on 2 cores
+    _, eager = run(tmp_path, "--steps", "2", "--no-export", out="eager")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _, compiled = run(tmp_path, "--steps", "2", "--no-export", "--compile", out="compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the blocks did go through dynamo
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-5, abs=0)
+    assert [r["grad_norm"] for r in compiled] == pytest.approx([r["grad_norm"] for r in eager], rel=1e-4, abs=0)
 
 
 def test_precomputed_reference_equals_on_the_fly_and_is_reused_until_the_data_changes(tmp_path, monkeypatch):
@@ -130,9 +207,10 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     common = ["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--lr", "3e-3", "--warmup", "0",
               "--steps", "2", "--beta", "0.1", "--loss", "nca"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "train.py"), *common, "--batch-size", "2", "--dist", mode, "--out", str(tmp_path / "two")],
-                   check=True, env=env, cwd=ROOT, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "train.py"), *common, "--batch-size", "2", "--dist", mode, "--out",
+                          str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
     train.main([*common, "--batch-size", "4", "--ref", "copy", "--out", str(tmp_path / "one")])
     rows = {n: [json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two")}
     torch.testing.assert_close(losses(rows["two"]), losses(rows["one"]), rtol=0, atol=1e-6)
@@ -144,26 +222,45 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
 
 @pytest.mark.parametrize("case, expected", [
     ("missing", "no such file"), ("loss", "invalid choice"), ("k_mismatch", "K = 3"), ("dpo_k4", "--pairs"),
-    ("too_long", "max_seq_len"), ("other_shape", "was saved for model"), ("nan", "non-finite")])
+    ("too_long", "max_seq_len"), ("nan", "non-finite"), ("beta", "--beta must be"), ("steps", "--steps must be"),
+    ("grad_clip", "--grad-clip must be"), ("sample", "--sample must be"), ("device", "--device foo"),
+    ("resume_shape", "was saved for model {"), ("resume_loss", "--loss 'nca' (this run: 'infonca')"),
+    ("resume_data", "--data examples sha256"), ("resume_lora", "--lora-rank 4 (this run: 8)"),
+    ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it")])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     path = write_reward_data(tmp_path / "data.jsonl")
     args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
             "dpo_k4": ["--loss", "dpo"], "too_long": ["--max-length", "4096"], "nan": ["--lr", "1e30"],
-            "k_mismatch": [], "other_shape": ["--resume"]}[case]
+            "beta": ["--beta", "0"], "steps": ["--steps", "0"], "grad_clip": ["--grad-clip", "-1"],
+            "sample": ["--sample", "-1"], "device": ["--device", "foo"], "resume_loss": ["--loss", "infonca"],
+            "resume_lora": ["--lora-rank", "8"]}.get(case, [])
     if case == "k_mismatch":
         with open(path, "a") as f:
             f.write(json.dumps({"prompt": "1+1=", "responses": ["2", "3", "4"], "rewards": [3, 2, 1]}) + "\n")
-    if case == "other_shape":  # a checkpoint from a tiny model, resumed with a differently shaped --init
-        run(tmp_path, "--steps", "1", "--no-export")
+    if case.startswith("resume"):  # a finished run in OUT, then --resume with something changed
+        first = {"resume_lora": ["--lora-rank", "4"], "resume_shape": ["--init", str(tmp_path / "init")]}.get(case, [])
+        if case == "resume_shape":  # the --init directory will hold another model by the time of --resume
+            model_lib.save_hf(model_lib.Transformer(model_lib.PRESETS["tiny"]), tmp_path / "init")
+        run(tmp_path, "--save-every", "1", "--no-export", *first, data_file=path)
+        args = ["--resume", *first, *args]  # the changed flag last: it wins
+    if case == "no_resume":  # a finished run in OUT, then a fresh run that would overwrite its checkpoint
+        run(tmp_path, "--save-every", "1", "--no-export", data_file=path)
+    if case == "resume_shape":
         other = model_lib.Transformer(model_lib.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300,
                                                           hidden_dim=64, max_seq_len=256))
-        model_lib.save_hf(other, tmp_path / "other")
-        args += ["--init", str(tmp_path / "other")]
+        model_lib.save_hf(other, tmp_path / "init")
+    if case == "resume_data":  # one reward changed
+        Path(path).write_text(Path(path).read_text().replace('"rewards": [9, 5', '"rewards": [9, 6', 1))
+    if case == "resume_corrupt":  # cut short by something other than train.py (a copy, a full disk)
+        state = tmp_path / "out" / "ckpt" / "state.pt"
+        state.write_bytes(state.read_bytes()[:1000])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run(tmp_path, *args, "--save-every", "1", "--no-export", data_file=path)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    if case == "resume_data":  # refused before the new data's reference log-probs were computed and cached
+        assert len(list(tmp_path.glob("data.jsonl.ref-*.pt"))) == 1
     if case == "nan":  # the blown-up step never reached the checkpoint: it holds step 1's finite weights
         ckpt = torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)
         assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -95,6 +95,11 @@ SAMPLE = SFT + ("n_prompts", "K", "temperature")
 ALIGN = SAMPLE + ("steps", "batch", "lr", "beta", "alpha", "lora_rank", "n_test")
 
 
+def _resume(run):
+    """A stage stopped part-way (its checkpoint there, its final/ not yet) continues where it stopped."""
+    return ["--resume"] if (run / "ckpt" / "state.pt").is_file() else []
+
+
 def _train(argv, log):
     """train.main with its per-step lines sent to a log file: the pipeline prints one line per stage."""
     with open(log, "w") as f, contextlib.redirect_stdout(f):
@@ -129,7 +134,7 @@ def stage_sft(cfg):
     _train(["--loss", "sft", "--data", str(run / "demos.jsonl"), "--init", str(run / "init"), "--out", str(run),
             "--steps", str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr),
             "--warmup", "50", "--max-length", str(MAX_PROMPT + MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
-            "--save-every", str(cfg.sft_steps), "--eval-every", str(cfg.sft_steps)], run / "log.txt")
+            "--save-every", str(cfg.sft_steps), "--eval-every", str(cfg.sft_steps), *_resume(run)], run / "log.txt")
     print(f"stage 1 SFT: {cfg.sft_steps} steps x {cfg.sft_batch} demonstrations in {time.time() - t0:.0f}s -> {run}")
     return run / "final"
 
@@ -186,7 +191,7 @@ def stage_align(cfg, sft, data_path, method, seed):
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch), "--lr", str(cfg.lr), "--beta", str(cfg.beta),
             "--alpha", str(cfg.alpha), "--lora-rank", str(cfg.lora_rank), "--seed", str(seed),
             "--max-length", str(MAX_PROMPT + MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
-            "--save-every", str(cfg.steps), "--eval-every", str(cfg.steps)], run / "log.txt")
+            "--save-every", str(cfg.steps), "--eval-every", str(cfg.steps), *_resume(run)], run / "log.txt")
     print(f"stage 3 {method} (seed {seed}): {cfg.steps} steps in {time.time() - t0:.0f}s")
     return run
 
