@@ -16,7 +16,9 @@ codes with one absmax scale per block of 64 weights, dequantise on the fly, trai
     save_adapter(model, "adapter.pt")
 """
 import math
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -224,7 +226,9 @@ def save_adapter(model: nn.Module, path) -> None:
     Plain dicts, lists, numbers and tensors, so torch.load(weights_only=True) reads it."""
     mods = _modules_or_raise(model, "save_adapter()")
     state = {f"{name}.{p}": getattr(m, p).detach().cpu() for name, m in mods.items() for p in ("lora_A", "lora_B")}
-    torch.save({**_adapter_metadata(mods), "state": state}, path)
+    tmp = Path(f"{path}.tmp")  # written beside, then renamed: a crash never leaves a half-written adapter
+    torch.save({**_adapter_metadata(mods), "state": state}, tmp)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

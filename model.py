@@ -170,6 +170,8 @@ class Transformer(nn.Module):
         pos [B, T], a mask from attention_mask() and one KVCache per layer."""
         T = tokens.shape[1]
         slots = torch.arange(T, device=tokens.device)
+        if cache is not None and mask is None:  # SDPA's is_causal aligns queries to the first keys, not the last
+            raise ValueError("Transformer.hidden: with a cache, pass the mask (model.attention_mask), as generate() does")
         if pos is None:
             pos = slots[None]
         window = self.args.sliding_window
@@ -480,6 +482,8 @@ def _read_hf(path):
             raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file name")
         files = {}
         for file in sorted(set(weight_map.values())):
+            if Path(file).name != file:  # a shard is a file beside the index, never a path elsewhere
+                raise ValueError(f"{index}: shard name {file!r} is a path; expected a file name in {path}")
             if not (path / file).is_file():
                 raise ValueError(f"{index}: lists shard {file!r}, which does not exist")
             files[file] = read_safetensors(path / file)

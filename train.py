@@ -102,6 +102,8 @@ def parse_args(argv):
         raise ValueError("--data is required (or run `python train.py` alone for the demo)")
     if args.quantize == "4bit" and args.lora_rank == 0:
         raise ValueError("--quantize 4bit quantizes the frozen base under LoRA adapters: add --lora-rank")
+    if args.lora_dropout and not args.lora_rank:
+        raise ValueError("--lora-dropout is dropout on the LoRA adapters' path: add --lora-rank")
     if args.loss == "sft" and args.pairs != "none":
         raise ValueError("--pairs builds preference pairs; --loss sft trains on the best response only")
     # checked here, not where first used: a bad --beta would otherwise stop the run only after the reference

@@ -68,6 +68,18 @@ def test_fused_bfloat16_is_as_accurate_as_the_reference():
         assert error(f) < max(1.25 * error(r), 1e-6) and error(f) < 0.01
 
 
+def test_under_bfloat16_autocast_as_train_py_runs_it_fused_is_as_accurate_as_the_reference():
+    h, W, targets, mask = batch(T=64, d=64, V=2051)  # float32 weights, bf16 matmuls: train.py --dtype bfloat16
+    g = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    exact = value_and_grads("reference", h.double(), W.double().requires_grad_(), targets, mask, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = value_and_grads("reference", h, W.requires_grad_(), targets, mask, g)
+        fused = value_and_grads("fused", h, W, targets, mask, g, tile=(48, 500))
+    for f, r, e in zip(fused, ref, exact):
+        error = lambda x: ((x.double() - e).norm() / e.norm()).item()
+        assert f.dtype == torch.float32 and error(f) < max(1.25 * error(r), 1e-6) and error(f) < 0.01
+
+
 @pytest.mark.parametrize("tile", [(2048, 2048), (3, 7)])
 def test_huge_logits_target_probability_underflowing_float32_is_still_exact(tile):
     h, W, targets, mask = batch(B=2, T=8, d=8, V=101)

@@ -192,6 +192,13 @@ def test_sampled_generation_is_reproducible_with_a_generator():
     assert runs[0] == runs[1] and all(len(r) == 5 for r in runs[0])
 
 
+def test_hidden_with_a_cache_and_no_mask_is_refused():
+    m = model.Transformer(model.PRESETS["tiny"])
+    cache = [model.KVCache(4) for _ in m.layers]
+    with pytest.raises(ValueError, match="with a cache, pass the mask"):
+        m.hidden(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
 def test_generate_refuses_a_token_id_outside_the_vocabulary():
     for bad in (512, -1):
         with pytest.raises(ValueError, match=f"token id {bad} is out of range .*0 .. 511"):
@@ -350,6 +357,9 @@ def without(cfg, *keys):
     ("mistral", "hf", "model.safetensors.index.json", lambda c: [c], "index.json: expected a JSON object"),
     ("mistral", "hf", "model.safetensors.index.json", lambda c: {"weight_map": dict.fromkeys(c["weight_map"], 1)},
      "index.json: expected a 'weight_map' object of tensor name -> shard file name"),
+    ("mistral", "hf", "model.safetensors.index.json",
+     lambda c: {"weight_map": dict.fromkeys(c["weight_map"], "../elsewhere/model.safetensors")},
+     "shard name '../elsewhere/model.safetensors' is a path"),
     ("mistral", "original", "params.json", lambda c: [c], "params.json: expected a JSON object"),
     ("mistral", "original", "params.json", lambda c: {**without(c, "hidden_dim"), "ffn_dim_multiplier": "1.3"},
      "params.json: field 'ffn_dim_multiplier' must be int or float, got '1.3'"),

@@ -226,14 +226,15 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     ("grad_clip", "--grad-clip must be"), ("sample", "--sample must be"), ("device", "--device foo"),
     ("resume_shape", "was saved for model {"), ("resume_loss", "--loss 'nca' (this run: 'infonca')"),
     ("resume_data", "--data examples sha256"), ("resume_lora", "--lora-rank 4 (this run: 8)"),
-    ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it")])
+    ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it"),
+    ("dropout_no_lora", "--lora-dropout is dropout on the LoRA")])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     path = write_reward_data(tmp_path / "data.jsonl")
     args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
             "dpo_k4": ["--loss", "dpo"], "too_long": ["--max-length", "4096"], "nan": ["--lr", "1e30"],
             "beta": ["--beta", "0"], "steps": ["--steps", "0"], "grad_clip": ["--grad-clip", "-1"],
             "sample": ["--sample", "-1"], "device": ["--device", "foo"], "resume_loss": ["--loss", "infonca"],
-            "resume_lora": ["--lora-rank", "8"]}.get(case, [])
+            "resume_lora": ["--lora-rank", "8"], "dropout_no_lora": ["--lora-dropout", "0.1"]}.get(case, [])
     if case == "k_mismatch":
         with open(path, "a") as f:
             f.write(json.dumps({"prompt": "1+1=", "responses": ["2", "3", "4"], "rewards": [3, 2, 1]}) + "\n")
