@@ -68,7 +68,7 @@ def logprob_variants(N, d, V, *, frozen, device, dtype):
 
     variants = {
         "reference": lambda: (nca.sequence_logps(h[None], W, t[None], ones, impl="reference") @ g[:1]).backward(),
-        "fused": lambda: (nca.FusedLogp.apply(h, W, t, True, (rows, cols)) @ g).backward(),
+        "fused": lambda: (nca.FusedLogp.apply(h, W, t, (rows, cols)) @ g).backward(),
         "torch F.linear_cross_entropy": lambda: (F.linear_cross_entropy(h, W, t, reduction="none") @ -g).backward(),
         "floor: matmuls, full [N, V]": floor,
         "floor: matmuls, tiled": floor_tiled,
@@ -106,8 +106,6 @@ def logprob_peak_bytes(N, d, V, *, frozen, device, dtype, name):
 def bench_logprob(argv):
     """Fused log-probs vs the reference, torch's linear_cross_entropy and the matmul floor."""
     import subprocess
-
-    import nca
     p = argparse.ArgumentParser(prog="bench.py logprob")
     p.add_argument("--shapes", default="2048,512,32000;4096,1024,32000;2048,1024,128256", help="N,d,V;...")
     p.add_argument("--reps", type=int, default=3, help="timed rounds per variant (median), after a warm-up")
@@ -134,7 +132,7 @@ def bench_logprob(argv):
             def reset():
                 h.grad = W.grad = None
             t = interleaved_medians(variants, args.reps, device, reset)
-            del variants, h, W
+            variants = h = W = None  # freed before the peak-memory runs
             peak = {}
             for name in t:
                 if device.type == "cuda":

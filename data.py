@@ -182,27 +182,36 @@ _PARSERS = {"reward": _parse_reward, "ultrafeedback": _parse_ultrafeedback,
             "preference": _parse_preference, "sft": _parse_sft}
 
 
-def to_pairs(examples, mode, seed=0) -> list[Example]:
-    """Reward data -> pairs [chosen, rejected], the paper's DPO baselines (METHOD.md):
+def pair_indices(rewards, mode, rng):
+    """The paper's DPO baselines (METHOD.md) on one prompt's K rewards: (winner, loser) index pairs.
     "dpo" best vs one random other (Zephyr), "dpo_x3" best vs each other, "dpo_all" all C(K, 2) pairs.
-    Pairs with equal rewards carry no preference: they are dropped, and counted in a log line."""
+    Pairs with equal rewards carry no preference: dropped before "dpo" draws its one (with the numpy
+    Generator `rng`). Returns (pairs, number of tied pairs dropped)."""
     if mode not in ("dpo", "dpo_x3", "dpo_all"):
         raise ValueError(f"unknown pair mode {mode!r}; expected 'dpo', 'dpo_x3' or 'dpo_all'")
+    K = len(rewards)
+    best = max(range(K), key=lambda i: rewards[i])  # first of the best
+    if mode == "dpo_all":
+        candidates = [(i, j) for i in range(K) for j in range(i + 1, K)]
+    else:
+        candidates = [(best, j) for j in range(K) if j != best]
+    kept = [(i, j) if rewards[i] > rewards[j] else (j, i) for i, j in candidates if rewards[i] != rewards[j]]
+    ties = len(candidates) - len(kept)
+    if mode == "dpo" and kept:
+        kept = [kept[rng.integers(len(kept))]]
+    return kept, ties
+
+
+def to_pairs(examples, mode, seed=0) -> list[Example]:
+    """Reward data -> pairs [chosen, rejected] by `pair_indices`, with a log line of the ties dropped."""
     rng = np.random.default_rng(seed)
     pairs, ties, no_pair = [], 0, 0
     for n, ex in enumerate(examples):
         r, K = ex.rewards, len(ex.responses)
         if K < 2:
             raise ValueError(f"to_pairs: example {n} has K = {K} responses; pairs need K >= 2")
-        best = max(range(K), key=lambda i: r[i])  # first of the best
-        if mode == "dpo_all":
-            candidates = [(i, j) for i in range(K) for j in range(i + 1, K)]
-        else:
-            candidates = [(best, j) for j in range(K) if j != best]
-        kept = [(i, j) if r[i] > r[j] else (j, i) for i, j in candidates if r[i] != r[j]]
-        ties += len(candidates) - len(kept)
-        if mode == "dpo" and kept:
-            kept = [kept[rng.integers(len(kept))]]
+        kept, tied = pair_indices(r, mode, rng)
+        ties += tied
         no_pair += not kept
         pairs += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], [r[i], r[j]]) for i, j in kept]
     print(f"to_pairs({mode}): {len(examples)} examples -> {len(pairs)} pairs; dropped {ties} tied pairs"

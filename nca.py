@@ -153,22 +153,26 @@ def sequence_logps_reference(h, W, targets, mask):
     return torch.where(mask, logp, 0.0).sum(dim=-1)  # [B]
 
 
-# The fused kernel. For one row h_n [d] with target t, logits z = W h_n [V] and p = softmax(z):
+# The fused kernel. For one row h_n [d] with target t: logits z = W h_n [V], p = softmax(z), and
 #     log p_t         = z_t - logsumexp(z)
-#     d log p_t / d h = W[t] - p @ W                    # [d]
-#     d log p_t / d W = (onehot(t) - p)^T h_n           # [V, d]
+#     d log p_t / d z = onehot(t) - p                           # [V]
+#     d log p_t / d h = W^T (onehot(t) - p) = W[t] - p @ W      # [d]
+#     d log p_t / d W = (onehot(t) - p) h_n^T                   # [V, d], an outer product
 # and backward multiplies row n by g_n = d loss / d log p_n (one value per sequence in training,
 # different between sequences, so it is never assumed to be 1). The logits exist one tile at a time
 # ([rows, cols] of [N, V], one reused float32 buffer), never whole. Over the vocabulary tiles of a row
 # block, logsumexp(z) and p @ W are built online, as flash attention builds softmax(QK^T) V: keep the
-# running max m, the sum S = sum_v exp(z_v - m) and acc = sum_v exp(z_v - m) W_v, and when a tile raises
-# m to m', rescale both by exp(m - m'). At the end logsumexp(z) = m + log S and p @ W = acc / S, so
-#   - log p_t = z_t - logsumexp(z) exactly, even where p_t underflows float32, and
+# running max m (exp overflows float32 past ~88, so every exponent is taken relative to it), the sum
+# S = sum_v exp(z_v - m) and acc = sum_v exp(z_v - m) W_v, and when a tile raises m to m', rescale both
+# by exp(m - m') (on the first tile m = -inf, so the empty sums are multiplied by 0). At the end
+# logsumexp(z) = m + log S and p @ W = acc / S, so
+#   - log p_t = z_t - logsumexp(z), with z_t read from the tile it lies in: the same rounded logit
+#     enters both terms (as in the reference), and p_t may underflow float32 without harm;
 #   - d log p / d h [N, d] is formed in forward: backward only scales it by g (two matmuls in all
 #     when W is frozen, the LoRA case).
 # W trained: d W needs g_n inside the sum over n, unknown in forward, so backward recomputes each tile
-# (p = exp(z - logsumexp), now known) and adds -p^T (g h) into its rows of dW: four matmuls in all,
-# instead of storing [N, V]. The one-hot part is g_n h_n added to row t_n: no [N, V] one-hot anywhere.
+# as p = exp(z - logsumexp(z)) with the forward's final logsumexp, and adds -p^T (g h) into its rows
+# of dW: four matmuls in all, instead of storing [N, V]. The one-hot part is g_n h_n added to row t_n.
 # Tiles: on 2 CPU cores, 2048 x 2048 (16 MiB) ran 3-10% faster than 512-row chunks of the whole
 # vocabulary (a tile stays in cache through its exp and sum passes) at ~2% of the reference's memory.
 # On CUDA larger tiles amortise the ~10 kernel launches per tile (chosen, not yet measured).
@@ -181,46 +185,50 @@ def _logits(h, W, buf):
 
 
 class FusedLogp(torch.autograd.Function):
-    """log p(targets_n | h_n) [N] for rows h [N, d], W [V, d], without the [N, V] logits."""
+    """log p(targets_n | h_n) [N] for rows h [N, d], W [V, d] of one dtype, without the [N, V] logits."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, need_grad_h, tile):
+    def forward(ctx, h, W, targets, tile):
         (N, d), V, (rows, cols) = h.shape, W.shape[0], tile
         dtype = torch.promote_types(h.dtype, torch.float32)  # accumulate in float32
+        need_grad_h = ctx.needs_input_grad[0]
         buf = h.new_empty(min(rows, N), min(cols, V), dtype=dtype)
-        lse = h.new_empty(N, dtype=dtype)
+        z_t, lse = h.new_zeros(N, dtype=dtype), h.new_empty(N, dtype=dtype)
         dlogp_dh = h.new_empty(N, d, dtype=dtype) if need_grad_h else None
         for i in range(0, N, rows):
-            h_i = h[i:i + rows]
+            h_i, t_i = h[i:i + rows], targets[i:i + rows]
             m = h.new_full((len(h_i),), -math.inf, dtype=dtype)
             S = h.new_zeros(len(h_i), dtype=dtype)
             acc = h.new_zeros(len(h_i), d, dtype=dtype) if need_grad_h else None
             for j in range(0, V, cols):
                 W_j = W[j:j + cols]
                 e = _logits(h_i, W_j, buf[:len(h_i), :len(W_j)])
+                k = t_i - j  # the target's column in this tile, where it is in it
+                inside = (k >= 0) & (k < len(W_j))
+                z_t[i:i + rows] += e.gather(1, k.clamp(0, len(W_j) - 1)[:, None])[:, 0].where(inside, 0)
                 m_new = torch.maximum(m, e.amax(dim=1))
                 e.sub_(m_new[:, None]).exp_()  # exp(z - m'), in place
-                scale = (m - m_new).exp_()  # exp(m - m'): 0 on the first tile
+                scale = (m - m_new).exp_()  # exp(m - m')
                 S.mul_(scale).add_(e.sum(dim=1))
                 if need_grad_h:
                     acc.mul_(scale[:, None]).add_((e.to(W.dtype) @ W_j).to(dtype))
                 m = m_new
             lse[i:i + rows] = m + S.log()
             if need_grad_h:  # W[t] - p @ W
-                dlogp_dh[i:i + rows] = W[targets[i:i + rows]].to(dtype) - acc / S[:, None]
-        z_t = torch.einsum("nd,nd->n", h.to(dtype), W[targets].to(dtype))
+                dlogp_dh[i:i + rows] = W[t_i].to(dtype) - acc / S[:, None]
         ctx.tile = tile
-        ctx.save_for_backward(h, W, targets, lse, dlogp_dh)
+        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, W, targets, lse, dlogp_dh)
         return z_t - lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # grad_h = g * (a constant of forward): no second derivative
     def backward(ctx, g):  # g [N] = d loss / d log p_n
         h, W, targets, lse, dlogp_dh = ctx.saved_tensors
         grad_h = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_h = (g[:, None] * dlogp_dh).to(h.dtype)
+            grad_h = (g[:, None] * dlogp_dh).to(W.dtype)
         if ctx.needs_input_grad[1]:
-            (N, d), V, (rows, cols), dtype = h.shape, W.shape[0], ctx.tile, lse.dtype
+            N, V, (rows, cols), dtype = h.shape[0], W.shape[0], ctx.tile, lse.dtype
             buf = h.new_empty(min(rows, N), min(cols, V), dtype=dtype)
             gh = g[:, None].to(dtype) * h.to(dtype)  # [N, d]: scale the rows of h, not the [N, V] p
             grad_W = torch.zeros_like(W, dtype=dtype)  # float32 sums
@@ -232,8 +240,8 @@ class FusedLogp(torch.autograd.Function):
                         grad_W[j:j + cols].addmm_(p.T, gh[i:i + rows], alpha=-1)  # in place: no [cols, d] temporary
                     else:  # the matmuls run in the input dtype (bf16 on GPU), sums in float32
                         grad_W[j:j + cols].sub_(p.to(W.dtype).T @ gh[i:i + rows].to(W.dtype))
-            grad_W = grad_W.index_add_(0, targets, gh).to(W.dtype)  # + the onehot(t)^T g h part
-        return grad_h, grad_W, None, None, None
+            grad_W = grad_W.index_add_(0, targets, gh).to(W.dtype)  # + the onehot(t) (g h)^T part
+        return grad_h, grad_W, None, None
 
 
 def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
@@ -246,6 +254,9 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
     """
     if h.dim() != 3 or W.dim() != 2 or h.shape[-1] != W.shape[1]:
         raise ValueError(f"sequence_logps needs h [B, T, d] and W [V, d], got {tuple(h.shape)} and {tuple(W.shape)}")
+    if len({h.device, W.device, targets.device, mask.device}) > 1:
+        raise ValueError(f"sequence_logps: h, W, targets and mask must be on one device, got {h.device}, "
+                         f"{W.device}, {targets.device} and {mask.device}")
     if targets.shape != h.shape[:2] or mask.shape != h.shape[:2] or mask.dtype != torch.bool:
         raise ValueError(f"targets and mask (bool) must be [B, T] = {tuple(h.shape[:2])}, got "
                          f"{tuple(targets.shape)} and {tuple(mask.shape)} {mask.dtype}")
@@ -257,7 +268,14 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
     if t.numel() and not (0 <= t.min() and t.max() < W.shape[0]):
         raise ValueError(f"targets at masked positions must be token ids in [0, {W.shape[0]}), got "
                          f"min {t.min().item()} max {t.max().item()}")
+    if torch.is_autocast_enabled(h.device.type):
+        # the kernel's matmuls write into its buffer (out=) or run in backward, where autocast does not
+        # reach: cast here, as autocast casts the reference's h @ W.T (W.grad returns in W's dtype)
+        amp = torch.get_autocast_dtype(h.device.type)
+        h, W = h.to(amp), W.to(amp)
+    if h.dtype != W.dtype:
+        raise ValueError(f"sequence_logps: h and W must have one dtype, or run under torch.autocast; got "
+                         f"{h.dtype} and {W.dtype}")
     seq = mask.nonzero()[:, 0]  # [M] which sequence each scored position belongs to
-    tile = tile or TILE.get(h.device.type, TILE["cpu"])
-    logp = FusedLogp.apply(h[mask], W, t, torch.is_grad_enabled() and h.requires_grad, tile)  # [M]
+    logp = FusedLogp.apply(h[mask], W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
     return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, logp.float())

@@ -26,10 +26,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: import nca
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: import nca, data
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
 import nca
 
 
@@ -91,25 +93,14 @@ def sample_data(bandit, cfg, g):
     return ctx, idx, rewards
 
 
-def make_pairs(rewards, mode, g):
-    """[P] row and [P, 2] (chosen, rejected) columns into the K responses, as the paper's baselines:
-    dpo = best vs a random worse one, dpo_x3 = best vs each other, dpo_all = every pair ordered by
-    reward. Ties carry no preference and are dropped."""
+def make_pairs(rewards, mode, rng):
+    """[P] row and [P, 2] (chosen, rejected) columns into the K responses: data.pair_indices (the
+    paper's baselines, ties dropped) on each row of rewards [B, K], drawing with the numpy Generator rng."""
     rows, cols = [], []
-    for b, order in enumerate(rewards.argsort(dim=-1, descending=True).tolist()):
-        if mode == "dpo":
-            worse = [j for j in order if rewards[b, j] < rewards[b, order[0]]] or order[:1]  # [:1]: a tie, dropped
-            pairs = [(order[0], worse[int(torch.randint(len(worse), (1,), generator=g))])]
-        elif mode == "dpo_x3":
-            pairs = [(order[0], j) for j in order[1:]]
-        elif mode == "dpo_all":
-            pairs = list(itertools.combinations(order, 2))
-        else:
-            raise ValueError(f"pairs must be one of dpo, dpo_x3, dpo_all, got {mode!r}")
-        for w, l in pairs:
-            if rewards[b, w] > rewards[b, l]:
-                rows.append(b)
-                cols.append((w, l))
+    for b, r in enumerate(rewards.tolist()):
+        pairs, _ = data.pair_indices(r, mode, rng)
+        rows += [b] * len(pairs)
+        cols += pairs
     # dtype: with every pair tied the lists are empty, and torch.tensor([]) would be float (no index)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long).view(-1, 2)
 
@@ -141,7 +132,7 @@ def train(bandit, loss, policy, cfg, seed):
     log_mu = bandit["log_mu"]
     ref_logps = log_mu[ctx.unsqueeze(1), idx]  # [B, K]
     if loss in PAIR_LOSSES:
-        rows, cols = make_pairs(rewards, cfg.pairs, g)
+        rows, cols = make_pairs(rewards, cfg.pairs, np.random.default_rng(seed))
         prow, pidx, prew = ctx[rows].unsqueeze(1), idx[rows.unsqueeze(1), cols], rewards[rows.unsqueeze(1), cols]
     log_target = target(bandit, cfg.alpha)
     history = []
