@@ -251,10 +251,9 @@ def train_variant(variant, vocab, steps, threads):
     rewards = torch.tensor([[1.0, 0.0]] * B)  # [B, K]
     cached_ref = torch.randn(B, K) - 400  # what a precomputed cache hands over: a lookup
 
-    def plain_logps(m):
-        logits = m(tokens[:, :-1]).float()  # [B*K, T-1, V]
-        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        return (logp * mask[:, 1:]).sum(-1).view(B, K)
+    def plain_logps(m):  # the readable reference: full [B*K, T-1, V] logits
+        return nca.sequence_logps_reference(m.hidden(tokens[:, :-1]), m.output.weight, tokens[:, 1:],
+                                            mask[:, 1:]).view(B, K)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times = []
@@ -273,7 +272,7 @@ def train_variant(variant, vocab, steps, threads):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    step_s = sorted(times[1:])[len(times[1:]) // 2]  # median
+    step_s = statistics.median(times[1:])
     print(json.dumps({"tokens_per_s": B * K * (P + R) / step_s, "step_s": step_s,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -16,13 +16,13 @@ codes with one absmax scale per block of 64 weights, dequantise on the fly, trai
     save_adapter(model, "adapter.pt")
 """
 import math
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import atomic_write
 
 # short target names -> the Meta reference attribute names in model.py (w1 = gate, w3 = up, w2 = down)
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
@@ -226,9 +226,7 @@ def save_adapter(model: nn.Module, path) -> None:
     Plain dicts, lists, numbers and tensors, so torch.load(weights_only=True) reads it."""
     mods = _modules_or_raise(model, "save_adapter()")
     state = {f"{name}.{p}": getattr(m, p).detach().cpu() for name, m in mods.items() for p in ("lora_A", "lora_B")}
-    tmp = Path(f"{path}.tmp")  # written beside, then renamed: a crash never leaves a half-written adapter
-    torch.save({**_adapter_metadata(mods), "state": state}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({**_adapter_metadata(mods), "state": state}, f))
 
 
 @torch.no_grad()

@@ -163,6 +163,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+            # load_state_dict(assign=True) puts in new Parameter objects: tie them again after every load
+            self.register_load_state_dict_post_hook(lambda m, _: setattr(m.output, "weight", m.tok_embeddings.weight))
 
     def hidden(self, tokens, pos=None, mask=None, cache=None):
         """tokens [B, T] -> final-normed hidden states [B, T, d]. Training needs only tokens: attention is
@@ -356,14 +358,24 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad, as the official writer does, so the data starts 8-byte aligned
-    # a new file renamed over the old one: a crash leaves no half-written file, and tensors read from the old
-    # one (mmap views) stay valid; writing into it in place would truncate it under them (SIGBUS)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    atomic_write(path, write)  # tensors read from the old file are mmap views: never write into it in place
+
+
+def atomic_write(path, write):
+    """write(f) fills a new file beside path, flushed to disk, then renamed over it: a crash or power loss
+    leaves the previous file whole (os.replace is atomic; without the fsync the rename can reach the disk
+    before the data), and mmap views of the previous file stay valid (rewriting it in place is a SIGBUS)."""
+    tmp = Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -392,7 +404,7 @@ def _rope_permute(w, n_heads, to_hf):
     return grouped.transpose(1, 2).reshape(rows, cols)
 
 
-def _read_json(file):
+def read_json(file):
     try:
         obj = json.loads(Path(file).read_text())
     except (OSError, ValueError, RecursionError) as e:
@@ -474,10 +486,10 @@ def _args_from_params(p, file, n_embeddings=None):
 
 def _read_hf(path):
     """config.json + model.safetensors, or shards listed by model.safetensors.index.json."""
-    args = _args_from_hf(_read_json(path / "config.json"), path / "config.json")
+    args = _args_from_hf(read_json(path / "config.json"), path / "config.json")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file name")
         files = {}
@@ -507,7 +519,7 @@ def _read_hf(path):
 
 def _read_original(path):
     """params.json + consolidated.safetensors or consolidated.00.pth (one model-parallel shard only)."""
-    params = _read_json(path / "params.json")
+    params = read_json(path / "params.json")
     pth = sorted(path.glob("consolidated*.pth"))
     if (path / "consolidated.safetensors").is_file():
         file = path / "consolidated.safetensors"
@@ -571,8 +583,6 @@ def load(path, *, device="cpu", dtype=None):
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
-    if args.tie_embeddings:  # assign=True gave the head its own Parameter object: share it again
-        model.output.weight = model.tok_embeddings.weight
     return model
 
 

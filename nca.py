@@ -264,18 +264,19 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
         return sequence_logps_reference(h, W, targets, mask)
     if impl not in ("fused", "auto"):
         raise ValueError(f"unknown sequence_logps impl {impl!r}; expected 'reference', 'fused' or 'auto'")
-    t = targets[mask]  # [M]
+    seq, pos = mask.nonzero(as_tuple=True)  # [M]: the sequence and position of each scored token
+    t = targets[seq, pos]  # [M]
     if t.numel() and not (0 <= t.min() and t.max() < W.shape[0]):
         raise ValueError(f"targets at masked positions must be token ids in [0, {W.shape[0]}), got "
                          f"min {t.min().item()} max {t.max().item()}")
+    h_m = h[seq, pos]  # [M, d]
     if torch.is_autocast_enabled(h.device.type):
         # the kernel's matmuls write into its buffer (out=) or run in backward, where autocast does not
         # reach: cast here, as autocast casts the reference's h @ W.T (W.grad returns in W's dtype)
         amp = torch.get_autocast_dtype(h.device.type)
-        h, W = h.to(amp), W.to(amp)
-    if h.dtype != W.dtype:
+        h_m, W = h_m.to(amp), W.to(amp)
+    if h_m.dtype != W.dtype:
         raise ValueError(f"sequence_logps: h and W must have one dtype, or run under torch.autocast; got "
                          f"{h.dtype} and {W.dtype}")
-    seq = mask.nonzero()[:, 0]  # [M] which sequence each scored position belongs to
-    logp = FusedLogp.apply(h[mask], W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
+    logp = FusedLogp.apply(h_m, W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
     return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, logp.float())

@@ -202,7 +202,7 @@ def init_key(args):
 def tokenizer_spec(args):
     """(tokenizer spec, template): flags first, then what --init recorded in config.json (see export)."""
     path = resolve_init(args)
-    cfg = json.loads((path / "config.json").read_text()) if path and (path / "config.json").is_file() else {}
+    cfg = model_lib.read_json(path / "config.json") if path and (path / "config.json").is_file() else {}
     spec = args.tokenizer
     if spec is None and "nca_tokenizer" in cfg:
         spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(path / cfg["nca_tokenizer"])
@@ -246,7 +246,7 @@ def reference_cache(model, examples, tok, args, path_of_data, key, amp, rank, wo
     for i in range(0, len(mine), args.batch_size):
         batch = collate([examples[j] for j in mine[i:i + args.batch_size]], tok, args)
         with amp():
-            out.append(batch_logps(model, batch["tokens"].to(args.device), batch["loss_mask"].to(args.device)).float().cpu())
+            out.append(batch_logps(model, batch["tokens"].to(args.device), batch["loss_mask"].to(args.device)).cpu())
     parts = [(mine, torch.cat(out))]
     if world > 1:  # every rank's share, to every rank
         parts, share = [None] * world, parts[0]
@@ -268,14 +268,11 @@ def collate(examples, tok, args):
 # ----------------------------------------------------------------------------- checkpoints, logging
 
 def atomic_save(obj, path):
-    """Write beside, flush to disk, then rename: a crash or power loss mid-write leaves the previous file whole
-    (os.replace is atomic; without the fsync the rename can reach the disk before the data)."""
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    model_lib.atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_jsonl(path, rows):
+    model_lib.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def append_jsonl(path, record):
@@ -414,6 +411,7 @@ def train(args):
     steps = args.steps or math.ceil(len(examples) / global_batch)
     warmup = steps // 10 if args.warmup is None else args.warmup
     lr = args.lr if args.lr is not None else 5e-5 if args.lora_rank else 5e-7
+    args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
     # everything the run's future depends on: --resume refuses a checkpoint saved under other settings
     args.run_config = {f"--{k.replace('_', '-')}": getattr(args, k) for k in (
         "loss", "alpha", "beta", "lora_rank", "lora_dropout", "lora_targets", "quantize", "grad_clip", "weight_decay",
@@ -422,7 +420,7 @@ def train(args):
         "--data examples sha256": hashlib.sha256(json.dumps([asdict(e) for e in examples]).encode()).hexdigest(),
         "--init": str(Path(args.init).expanduser().resolve()) if resolve_init(args) else args.init,
         "--tokenizer": args.tokenizer_spec, "--template": args.template_name, "--lr": lr, "--warmup": warmup,
-        "--lora-alpha": args.lora_alpha or 2.0 * args.lora_rank,
+        "--lora-alpha": args.lora_alpha,
         "--steps": steps, "--dtype": str(dtype), "global batch (--batch-size x --grad-accum x processes)": global_batch})
     ckpt = read_checkpoint(ckpt_path, args) if args.resume else None  # now, not after the reference log-probs
 
@@ -438,7 +436,7 @@ def train(args):
         "adapters" if args.lora_rank else "precompute"
     ref_model = copy.deepcopy(model).requires_grad_(False) if ref_mode == "copy" else None
     if args.lora_rank:
-        lora.inject(model, tuple(args.lora_targets.split(",")), args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank,
+        lora.inject(model, args.lora_targets, args.lora_rank, args.lora_alpha,
                     args.lora_dropout)
         for p in model.parameters():
             if p.requires_grad:
@@ -481,9 +479,7 @@ def train(args):
         start = load_checkpoint(ckpt, ckpt_path, model, optimizer, schedule, args)
         if master:  # metrics logged after the checkpoint belong to the lost future: drop them
             rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
-            tmp = out / "metrics.jsonl.tmp"  # rewritten beside, then renamed: a crash here keeps the old log
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, out / "metrics.jsonl")
+            write_jsonl(out / "metrics.jsonl", rows)  # atomically: a crash here keeps the old log
             print(f"resumed from {ckpt_path} at step {start}")
     elif master and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
@@ -493,11 +489,11 @@ def train(args):
         batch = collate(exs, tok, args)
         tokens, mask, rewards = (batch[k].to(device) for k in ("tokens", "loss_mask", "rewards"))
         with amp():
-            logps = batch_logps(model, tokens, mask).float().view(rewards.shape)  # [B, K]
+            logps = batch_logps(model, tokens, mask).view(rewards.shape)  # [B, K] float32
         ref = None if cache is None else cache[ids].to(device)  # [B, K]
         if ref_mode in ("copy", "adapters"):  # the frozen copy, or the same weights with the adapters off
             with torch.no_grad(), amp(), lora.disabled(model) if ref_model is None else nullcontext():
-                ref = batch_logps(ref_model or model, tokens, mask).float().view(rewards.shape)
+                ref = batch_logps(ref_model or model, tokens, mask).view(rewards.shape)
         loss, stats = objective(args, logps, ref, rewards, mask[:, 1:].sum(-1).view(rewards.shape))
         stats["truncated"] = batch["responses_truncated"] / mask.shape[0]  # share of responses cut at --max-length
         return loss, stats, tokens.numel()
@@ -519,11 +515,9 @@ def train(args):
                 sums[k] = sums.get(k, 0.0) + float(v) * real
             n += real
         keys = list(sums)
-        totals = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
+        totals = all_mean([sums[k] for k in keys] + [n], world)  # per-rank means: their ratio is the global one
         model.train()
-        return dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))
+        return {k: v / totals[-1] for k, v in zip(keys, totals)}
 
     model.train()
     t0, log = time.time(), {}
@@ -651,7 +645,7 @@ def plain_model(state, args, margs):
         with torch.device("meta"):
             model = model_lib.Transformer(margs)
     if args.lora_rank:
-        lora.inject(model, tuple(args.lora_targets.split(",")), args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank)
+        lora.inject(model, args.lora_targets, args.lora_rank, args.lora_alpha)
     model.load_state_dict(state, strict=args.quantize == "none", assign=True)
     if args.lora_rank:
         lora.merge(model)
@@ -659,8 +653,6 @@ def plain_model(state, args, margs):
         with torch.device("meta"):
             model = model_lib.Transformer(margs)
         model.load_state_dict(state, assign=True)
-    if margs.tie_embeddings:  # assign=True gave the head its own Parameter: share it again
-        model.output.weight = model.tok_embeddings.weight
     return model
 
 

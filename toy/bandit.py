@@ -217,7 +217,7 @@ def optimum(cfg, out):
     for loss in ("infonca", "nca"):
         for K in (4, 16, 64):
             hist, log_pi = train(bandit, loss, "tabular", replace(cfg, K=K, n=4096 // K), 0)
-            r_theta = cfg.beta * (log_pi - bandit["log_mu"])  # [X, A]
+            r_theta = nca.reward_theta(log_pi, bandit["log_mu"], cfg.beta)  # [X, A]
             offset = r_theta - r_alpha  # InfoNCA: C(x) for every a
             # max - min over the common actions of each context: -inf / +inf take the rare ones out
             hi, lo = offset.masked_fill(~common, -math.inf).amax(-1), offset.masked_fill(~common, math.inf).amin(-1)

@@ -106,12 +106,6 @@ def _train(argv, log):
         return train.main(argv)
 
 
-def _write_jsonl(path, rows):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------- stage 1: SFT
 
 def stage_sft(cfg):
@@ -123,7 +117,7 @@ def stage_sft(cfg):
     rng = random.Random(0)
     demos = [{"prompt": p, "response": arith.demonstration(p, rng, cfg.p_error)}
              for p in arith.prompts(cfg.n_demos, split="train", seed=0, n_ops=cfg.n_ops, max_operand=cfg.max_operand)]
-    _write_jsonl(run / "demos.jsonl", demos)
+    train.write_jsonl(run / "demos.jsonl", demos)
     # train.py builds presets only; an explicit small config is a checkpoint directory to --init from
     tok = data.load_tokenizer("byte")
     args = model_lib.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
@@ -169,7 +163,7 @@ def stage_sample(cfg, mu, tok, seed):
             dropped += 1
             continue
         rows.append({"prompt": p, "responses": ys, "rewards": [arith.reward(p, y) for y in ys]})
-    _write_jsonl(path, rows)
+    train.write_jsonl(path, rows)
     r = torch.tensor([row["rewards"] for row in rows])
     print(f"stage 2 data (seed {seed}): {len(rows)} prompts x K = {cfg.K} in {time.time() - t0:.0f}s, mean reward "
           f"{r.mean():.3f}, correct {(r == 1).float().mean():.3f}, prompts with all K tied {(r == r[:, :1]).all(1).float().mean():.2f}"
