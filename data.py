@@ -157,7 +157,7 @@ def _parse_preference(obj, where):
     # conversational: the last message is the answer; the messages before it (if any) extend the prompt
     chosen, rejected = _prompt(chosen, where, "chosen"), _prompt(rejected, where, "rejected")
     for key, chat in (("chosen", chosen), ("rejected", rejected)):
-        if isinstance(chat, str) or chat[-1]["role"] != "assistant":
+        if chat[-1]["role"] != "assistant":
             raise ValueError(f"{where}: field {key!r}: expected a chat ending with an assistant message")
     if chosen[:-1] != rejected[:-1]:
         raise ValueError(f"{where}: fields 'chosen'/'rejected': the messages before the answers differ")
@@ -266,6 +266,11 @@ class Tokenizer:
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken")  # looked for, in this order, in a directory
 
 
+def tokenizer_file(directory):
+    """The tokenizer file a checkpoint directory holds (the first of TOKENIZER_FILES there), or None."""
+    return next((Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()), None)
+
+
 def load_tokenizer(spec="byte") -> Tokenizer:
     """"byte", or a tokenizer file / the checkpoint directory holding it: tekken.json,
     tokenizer.model (Llama 3's tiktoken text or Mistral's SentencePiece protobuf, told apart by
@@ -274,10 +279,9 @@ def load_tokenizer(spec="byte") -> Tokenizer:
         return _byte_tokenizer()
     path = Path(spec)
     if path.is_dir():
-        found = [path / n for n in TOKENIZER_FILES if (path / n).exists()]
-        if not found:
+        path = tokenizer_file(path)
+        if path is None:
             raise ValueError(f"tokenizer {spec}: directory has no tekken.json, tokenizer.model or gpt2.tiktoken")
-        path = found[0]
     if not path.is_file():
         raise ValueError(f"tokenizer {spec!r}: no such file; expected 'byte', a tokenizer file or a checkpoint "
                          f"directory")

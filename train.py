@@ -207,7 +207,7 @@ def tokenizer_spec(args):
     if spec is None and "nca_tokenizer" in cfg:
         spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(path / cfg["nca_tokenizer"])
     if spec is None:
-        spec = str(path) if path and any((path / n).is_file() for n in data.TOKENIZER_FILES) else "byte"
+        spec = str(path) if path and data.tokenizer_file(path) else "byte"
     return spec, args.template or cfg.get("nca_template", "none")
 
 
@@ -662,7 +662,7 @@ def export_final(model, path, args):
     spec = args.tokenizer_spec
     if spec != "byte":
         src = Path(spec)
-        src = src if src.is_file() else next(src / n for n in data.TOKENIZER_FILES if (src / n).is_file())
+        src = src if src.is_file() else data.tokenizer_file(src)
         path.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, path / src.name)
         spec = src.name
