@@ -23,6 +23,8 @@ import numpy as np
 import tiktoken
 import torch
 
+from model import atomic_write
+
 # ----------------------------------------------------------------------------- examples
 
 
@@ -63,9 +65,30 @@ def load_examples(path, format=None) -> list[Example]:
     return examples
 
 
-def _read_jsonl(path):
+def read_jsonl(path, *, log=False) -> list[dict]:
+    """The objects of a JSON Lines file; an error names path:line. log=True reads an append-only log
+    (train.py's OUT/metrics.jsonl): a missing file is empty, and a last line without its newline, cut
+    short by a crash mid-append, is skipped (resuming rewrites the file without it)."""
+    if log and not Path(path).is_file():
+        return []
+    return [obj for _, obj in _read_jsonl(path, log)]
+
+
+def write_jsonl(path, rows):
+    """A whole JSON Lines file, written atomically (model.atomic_write)."""
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_jsonl(path, skip_unfinished=False):
     with open(path, "rb") as f:  # bytes, so a bad encoding is reported with its line number
         for lineno, raw in enumerate(f, 1):
+            if skip_unfinished and not raw.endswith(b"\n"):
+                return
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -180,6 +203,19 @@ def _parse_sft(obj, where):
 
 _PARSERS = {"reward": _parse_reward, "ultrafeedback": _parse_ultrafeedback,
             "preference": _parse_preference, "sft": _parse_sft}
+
+
+def common_k(examples, where) -> int:
+    """The number of responses K that every example has: a batch is [B, K], and the losses contrast K
+    responses per prompt. An error names the first example that differs."""
+    if not examples:
+        raise ValueError(f"{where}: no examples")
+    K = len(examples[0].responses)
+    for i, ex in enumerate(examples):
+        if len(ex.responses) != K:
+            raise ValueError(f"{where}: example {i} has K = {len(ex.responses)} responses, example 0 has K = {K}; "
+                             f"every prompt needs the same K (pairs, e.g. train.py --pairs dpo, have K = 2)")
+    return K
 
 
 def pair_indices(rewards, mode, rng):
@@ -629,12 +665,7 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     Prompt and response are tokenised separately and concatenated: tokenising the joined text would
     let BPE merge across the boundary and blur which tokens belong to the response. A long prompt
     keeps its BOS and its end (the question sits next to the answer); a long response keeps its start."""
-    if not examples:
-        raise ValueError("collate: empty batch")
-    K = len(examples[0].responses)
-    if any(len(ex.responses) != K for ex in examples):
-        raise ValueError(f"collate: every example of a batch needs the same K, got "
-                         f"{sorted({len(ex.responses) for ex in examples})}")
+    common_k(examples, "collate")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos = [] if tok.bos_id is None else [tok.bos_id]

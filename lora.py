@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import atomic_write
+from model import atomic_write, torch_load
 
 # short target names -> the Meta reference attribute names in model.py (w1 = gate, w3 = up, w2 = down)
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
@@ -138,10 +138,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def inject(model: nn.Module, targets=tuple(TARGETS), r: int = 16, alpha: float = 32.0,
-           dropout: float = 0.0) -> nn.Module:
-    """Replace every nn.Linear named by `targets` (e.g. layers[i].attention.wq for "q") by a LoRALinear,
-    in place; freeze everything else. targets may be a comma-separated string, "q,v"."""
+def check(r, alpha, dropout=0.0, targets=tuple(TARGETS)) -> list[str]:
+    """The adapters' settings, checked in one place (inject, and train.py's flags before any work):
+    the target list, as short names."""
     targets = targets.split(",") if isinstance(targets, str) else list(targets)
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown or not targets:
@@ -150,6 +149,16 @@ def inject(model: nn.Module, targets=tuple(TARGETS), r: int = 16, alpha: float =
         raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be a number in [0, 1), got {dropout!r}")
+    return targets
+
+
+def inject(model: nn.Module, targets=tuple(TARGETS), r: int = 16, alpha: float = 32.0,
+           dropout: float = 0.0) -> nn.Module:
+    """Replace every nn.Linear named by `targets` (e.g. layers[i].attention.wq for "q") by a LoRALinear,
+    in place; freeze everything else. targets may be a comma-separated string, "q,v"."""
+    targets = check(r, alpha, dropout, targets)
     if lora_modules(model):
         raise ValueError("inject(): the model already has LoRA adapters")
     names = {TARGETS[t] for t in targets}
@@ -214,6 +223,29 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def adapter_state(state: dict) -> dict:
+    """The adapters' tensors (lora_A, lora_B) of a model's state dict: all that a LoRA run trains and saves."""
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
+@torch.no_grad()
+def merged_state(state: dict, scaling: float) -> dict:
+    """The state dict of the plain model: each adapted W <- W + scaling * B A in W's own dtype, lora_A and
+    lora_B dropped. Works on tensors, not modules, one layer at a time: exporting a 7B needs one [out, in]
+    float32 product beyond the weights, never a float32 copy of the model."""
+    adapters = adapter_state(state)
+    out = {k: v for k, v in state.items() if k not in adapters}
+    for key in adapters:
+        if key.endswith(".lora_A"):
+            name = key.removesuffix(".lora_A")
+            if f"{name}.weight" not in out:
+                raise ValueError(f"merged_state: {name} has adapters but no base weight {name}.weight "
+                                 "(a 4-bit base cannot be merged into: merge into the 16-bit base)")
+            w, A, B = out[f"{name}.weight"], state[key], state[f"{name}.lora_B"]
+            out[f"{name}.weight"] = (w.float() + (B.float() @ A.float()) * scaling).to(w.dtype)
+    return out
+
+
 def _adapter_metadata(mods: dict[str, LoRALinear]) -> dict:
     m = next(iter(mods.values()))
     attrs = {name.rsplit(".", 1)[-1] for name in mods}
@@ -232,10 +264,7 @@ def save_adapter(model: nn.Module, path) -> None:
 @torch.no_grad()
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load adapters saved by save_adapter; injects them first (same r, alpha, targets) if the model has none."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds here (zip, pickle, OSError on a truncated file)
-        raise ValueError(f"{path}: cannot read as a LoRA adapter file saved by lora.save_adapter ({e})") from None
+    ckpt = torch_load(path, "LoRA adapter file (lora.save_adapter)")
     if not isinstance(ckpt, dict) or not {"r", "alpha", "targets", "shapes", "state"} <= ckpt.keys():
         raise ValueError(f"{path}: not a LoRA adapter file (expected keys r, alpha, targets, shapes, state)")
     if not (isinstance(ckpt["targets"], list) and isinstance(ckpt["shapes"], dict)

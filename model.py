@@ -10,6 +10,7 @@ import json
 import math
 import mmap
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -370,13 +371,38 @@ def write_safetensors(path, tensors, metadata=None):
 def atomic_write(path, write):
     """write(f) fills a new file beside path, flushed to disk, then renamed over it: a crash or power loss
     leaves the previous file whole (os.replace is atomic; without the fsync the rename can reach the disk
-    before the data), and mmap views of the previous file stay valid (rewriting it in place is a SIGBUS)."""
+    before the data), and mmap views of the previous file stay valid (rewriting it in place is a SIGBUS).
+    A failed write (a full disk, a quota; torch.save reports those as RuntimeError) removes the temporary
+    and raises one OSError naming the path."""
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise OSError(f"{path}: write failed ({reason}); the previous file, if any, is unchanged") from None
+
+
+def torch_load(path, what, mmap=False):
+    """torch.load(weights_only=True: no pickled code ever runs) of a file that should hold `what`. Its many
+    failures (not a zip, cut short, a forbidden pickle global) become one line naming the file and what
+    was found, never torch's advice to retry with weights_only=False."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        msg = str(e).split("WeightsUnpickler error:")[-1]  # the reason, after torch's advice
+        reason = next((line.strip() for line in msg.splitlines() if line.strip()), "")
+        reason = reason.split(". ")[0].removesuffix(".")  # miniz and friends add paragraphs of guesses
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}{': ' + reason if reason else ''}; "
+                         f"{Path(path).stat().st_size:,} bytes)") from None
 
 
 # Hugging Face names of our modules; blocks live under model.layers.{i}.
@@ -526,10 +552,7 @@ def _read_original(path):
         tensors = read_safetensors(file)
     elif len(pth) == 1:
         file = pth[0]
-        try:
-            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises many kinds here (pickle, zip, unsupported global)
-            raise ValueError(f"{file}: not a loadable weights-only torch checkpoint ({e})") from None
+        tensors = torch_load(file, "weights-only torch checkpoint", mmap=True)
     else:
         raise ValueError(f"{path}: expected consolidated.safetensors or exactly one consolidated*.pth "
                          f"(model-parallel shards are not supported), found {[p.name for p in pth]}")

@@ -1,17 +1,19 @@
 """Align a language model with NCA, InfoNCA, DPO or SFT: one flat script from a laptop CPU to a 7B on GPUs.
 
-    python train.py                                              # the toy pipeline demo (toy/pipeline.py)
+    python train.py                                              # the built-in demo (toy/pipeline.py)
     python train.py --data uf.jsonl --init tiny --loss nca       # a tiny random model, CPU
     python train.py --data uf.jsonl --init ~/mistral-7b --lora-rank 16 --loss nca --device cuda
     torchrun --nproc_per_node 8 train.py --data uf.jsonl --init ~/mistral-7b --loss nca   # FSDP2, full FT
     python train.py --plot out                                   # redraw out/curves.png from out/metrics.jsonl
 
-Per step: B x K sequences (B prompts, K responses each) go through the policy in ONE forward pass;
-nca.sequence_logps turns the final hidden states into log pi_theta(y|x) without building the
-[B*K, T, V] logits; the reference log mu(y|x) comes from a cache computed once before training (full
-fine-tuning), from the same weights with the LoRA adapters switched off, or from a frozen copy (--ref copy).
-The losses are nca.py's (METHOD.md). Writes OUT/metrics.jsonl, OUT/curves.png, OUT/ckpt/state.pt
-(atomic, resumable) and OUT/final/ (Hugging Face layout, LoRA merged, tokenizer recorded in config.json).
+Reading order: the flags resolve once into a frozen `Run`; `train` builds data, model and reference,
+then runs the step loop. Per step, B x K sequences (B prompts, K responses each) go through the policy
+in ONE forward pass; nca.batch_logps turns the final hidden states into log pi_theta(y|x) without
+building the [B*K, T, V] logits; the reference log mu(y|x) comes from `reference_logps`: a cache
+computed once before training (full fine-tuning), the same weights with the LoRA adapters switched off,
+or a frozen copy (--ref copy). The losses are nca.py's. Writes OUT/metrics.jsonl, OUT/curves.png,
+OUT/ckpt/state.pt (atomic, resumable) and OUT/final/ (Hugging Face layout, LoRA merged, tokenizer
+recorded in config.json).
 """
 import argparse
 import copy
@@ -25,7 +27,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ import nca
 # ----------------------------------------------------------------------------- flags
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the bad flag, not argparse's usage block (issue 7, "Bad input")
+    def error(self, message):  # one line naming the bad flag, not argparse's usage block
         raise ValueError(f"{message} (see python train.py --help)")
 
 
@@ -63,8 +65,7 @@ def parse_args(argv):
                                      "or original layout, or OUT/final of an earlier run)" % ", ".join(model_lib.PRESETS))
     a("--tokenizer", help="'byte' or a tokenizer path; default: recorded in --init's config.json, the --init "
                           "directory itself if it holds one, else 'byte'")
-    a("--template", help="chat template (llama3, mistral, mistral_v3, chatml, zephyr, none); "
-                         "default: recorded in --init, else none")
+    a("--template", help="chat template (%s); default: recorded in --init, else none" % ", ".join(data.TEMPLATES))
     a("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     a("--lora-alpha", type=float, help="LoRA scale alpha / r; default 2 * rank")
     a("--lora-dropout", type=float, default=0.0, help="dropout on the adapter path (LoRA paper; 0 = off)")
@@ -106,19 +107,128 @@ def parse_args(argv):
         raise ValueError("--lora-dropout is dropout on the LoRA adapters' path: add --lora-rank")
     if args.loss == "sft" and args.pairs != "none":
         raise ValueError("--pairs builds preference pairs; --loss sft trains on the best response only")
-    # checked here, not where first used: a bad --beta would otherwise stop the run only after the reference
-    # log-probs of the whole data set are computed
+    # here, not where first used: a bad --beta would otherwise stop the run only after the reference
+    # log-probs of the whole data set are computed. alpha / beta and the LoRA numbers have their owners.
     for names, low, ok in ((("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_every", "eval_every",
                              "steps"), ">= 1", lambda v: v >= 1),
-                           (("beta", "lora_alpha"), "> 0", lambda v: v > 0),
-                           (("alpha", "lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample"), ">= 0",
-                            lambda v: v >= 0),
-                           (("lora_dropout",), "in [0, 1)", lambda v: 0 <= v < 1)):
+                           (("lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample"), ">= 0",
+                            lambda v: v >= 0)):
         for name in names:
             v = getattr(args, name)
             if v is not None and not (math.isfinite(v) and ok(v)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {low}, got {v}")
+    try:
+        nca.check_alpha_beta(args.alpha, args.beta)
+    except ValueError as e:  # "beta must be ..." -> "--beta must be ..."
+        raise ValueError(f"--{e}") from None
+    if args.lora_rank:
+        try:
+            lora.check(args.lora_rank, lora_alpha(args), args.lora_dropout, args.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--lora-rank {args.lora_rank} --lora-alpha {lora_alpha(args)} --lora-dropout "
+                             f"{args.lora_dropout} --lora-targets {args.lora_targets}: {e}") from None
     return args
+
+
+def lora_alpha(args):
+    return 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
+
+
+# ----------------------------------------------------------------------------- the run's settings
+
+@dataclass(frozen=True)
+class Run:
+    """Every setting of a run, resolved once from the flags, the data, the checkpoint and the processes."""
+    loss: str
+    alpha: float
+    beta: float
+    seed: int
+    init: str                   # a preset name, or the checkpoint directory (absolute)
+    init_dir: Path | None       # the checkpoint directory, None for a preset
+    tokenizer: str              # 'byte' or a tokenizer file / directory
+    template: str
+    max_length: int
+    max_prompt_length: int
+    lora_rank: int              # 0 = full fine-tuning
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    quantize: str
+    ref: str                    # how log mu is obtained: none (SFT), precompute, adapters, copy
+    K: int
+    steps: int
+    warmup: int
+    lr: float
+    batch_size: int             # prompts per micro-batch per process
+    grad_accum: int
+    global_batch: int           # prompts per optimizer step, all processes together
+    grad_clip: float
+    weight_decay: float
+    data_sha256: str            # the training examples after pairing: what the step number indexes
+    device: torch.device
+    dtype: torch.dtype          # compute dtype (autocast); LoRA stores the frozen base in it too
+    base_dtype: torch.dtype     # the weights as loaded: float32 master weights under full fine-tuning
+    rank: int
+    world: int
+    dist: str
+    compile: bool
+    checkpointing: bool
+    out: Path
+    save_every: int
+    eval_every: int
+    sample: int
+    export: bool
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def configure(args, examples, rank, world, device):
+    """The run's settings from the flags (parse_args checked them) and the training examples."""
+    init_dir = resolve_init(args.init)
+    tokenizer, template = tokenizer_spec(args, init_dir)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    global_batch = args.batch_size * args.grad_accum * world
+    steps = args.steps or math.ceil(len(examples) / global_batch)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    return Run(
+        loss=args.loss, alpha=args.alpha, beta=args.beta, seed=args.seed,
+        init=str(init_dir.resolve()) if init_dir else args.init, init_dir=init_dir,
+        tokenizer=tokenizer, template=template, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, lora_rank=args.lora_rank, lora_alpha=lora_alpha(args),
+        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, quantize=args.quantize,
+        ref="none" if args.loss == "sft" else args.ref if args.ref != "auto" else
+        "adapters" if args.lora_rank else "precompute",
+        K=len(examples[0].responses), steps=steps, warmup=steps // 10 if args.warmup is None else args.warmup,
+        lr=args.lr if args.lr is not None else 5e-5 if args.lora_rank else 5e-7,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, global_batch=global_batch,
+        grad_clip=args.grad_clip, weight_decay=args.weight_decay,
+        data_sha256=hashlib.sha256(json.dumps([asdict(e) for e in examples]).encode()).hexdigest(),
+        device=device, dtype=dtype, base_dtype=dtype if args.lora_rank else torch.float32,
+        rank=rank, world=world, dist=args.dist, compile=args.compile, checkpointing=args.checkpointing,
+        out=out, save_every=args.save_every, eval_every=args.eval_every, sample=args.sample, export=args.export)
+
+
+def resume_key(run):
+    """Everything a run's future depends on: --resume refuses a checkpoint saved under other settings.
+    (Where it writes, how often, and how it computes, e.g. --compile, may change.)"""
+    key = {f"--{k.replace('_', '-')}": getattr(run, k) for k in (
+        "loss", "beta", "lora_rank", "lora_dropout", "lora_targets", "quantize", "grad_clip", "weight_decay",
+        "max_length", "max_prompt_length", "seed", "init", "tokenizer", "template", "lr", "warmup", "steps")}
+    if run.loss in ("infonca", "nca"):  # the pairwise losses have no reward temperature
+        key["--alpha"] = run.alpha
+    if run.lora_rank:
+        key["--lora-alpha"] = run.lora_alpha
+    return {**key, "--data examples sha256": run.data_sha256, "--dtype": str(run.dtype),
+            "global batch (--batch-size x --grad-accum x processes)": run.global_batch}
+
+
+def autocast(run):
+    return torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
 
 
 # ----------------------------------------------------------------------------- data
@@ -129,17 +239,15 @@ def prepare_examples(path, args, role):
         raise FileNotFoundError(f"{role} {path}: no such file")
     examples = data.load_examples(path, args.format)
     if args.pairs != "none":
+        n = len(examples)
         examples = data.to_pairs(examples, args.pairs, seed=args.seed)
+        if not examples:
+            raise ValueError(f"{role} {path}: no examples left after --pairs {args.pairs}: in all {n} prompts every "
+                             f"response has the same reward, and a tie is no preference pair")
     if args.loss == "sft":  # SFT data has K = 1; for reward / preference data imitate the best response
         examples = [data.Example(e.prompt, [e.responses[max(range(len(e.rewards)), key=e.rewards.__getitem__)]],
                                  [0.0]) for e in examples]
-    if not examples:
-        raise ValueError(f"{role} {path}: no examples")
-    K = len(examples[0].responses)
-    for i, e in enumerate(examples):
-        if len(e.responses) != K:
-            raise ValueError(f"{role} {path}: example {i} has K = {len(e.responses)} responses, example 0 has "
-                             f"K = {K}; every prompt needs the same K (--pairs dpo turns any K into pairs)")
+    K = data.common_k(examples, f"{role} {path}")
     if args.loss in ("dpo", "nca_pair") and K != 2:
         raise ValueError(f"{role} {path}: --loss {args.loss} takes pairs (K = 2), the data has K = {K}: add "
                          f"--pairs dpo|dpo_x3|dpo_all, or use --loss nca / infonca for any K")
@@ -147,6 +255,16 @@ def prepare_examples(path, args, role):
         raise ValueError(f"{role} {path}: --loss {args.loss} contrasts K >= 2 responses per prompt, the data "
                          f"has K = 1 (SFT data?): use --loss sft")
     return examples
+
+
+def load_data(args):
+    """(train examples, eval examples, the file the eval examples came from)."""
+    examples = prepare_examples(args.data, args, "--data")
+    if args.eval_data:
+        return examples, prepare_examples(args.eval_data, args, "--eval-data"), args.eval_data
+    held = set(permutation(len(examples), args.seed, -1)[:len(examples) // 20])  # every 20th of a fixed shuffle
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held],
+            args.data)
 
 
 @functools.lru_cache(maxsize=4)
@@ -160,38 +278,71 @@ def batch_indices(step, n, size, seed):
     return [permutation(n, seed, p // n)[p % n] for p in range(step * size, (step + 1) * size)]
 
 
+def collate(run, tok, examples):
+    return data.collate(examples, tok, template=run.template, max_length=run.max_length,
+                        max_prompt_length=run.max_prompt_length)
+
+
 # ----------------------------------------------------------------------------- model
 
-def resolve_init(args):
-    """--init as a Path if it is a directory (OUT of an earlier run means OUT/final), else a preset name."""
-    path = Path(args.init).expanduser()
+def resolve_init(init):
+    """--init as a Path if it is a directory (OUT of an earlier run means OUT/final), else None: a preset."""
+    path = Path(init).expanduser()
     if (path / "final").is_dir():
         path = path / "final"
     if path.is_dir():
         return path
-    if args.init not in model_lib.PRESETS:
-        raise ValueError(f"--init {args.init}: neither a checkpoint directory nor a preset "
-                         f"({', '.join(model_lib.PRESETS)})")
+    if init not in model_lib.PRESETS:
+        raise ValueError(f"--init {init}: neither a checkpoint directory nor a preset ({', '.join(model_lib.PRESETS)})")
     return None
 
 
-def load_base(args, device, dtype):
+def tokenizer_spec(args, init_dir):
+    """(tokenizer spec, template): flags first, then what --init recorded in config.json (see export)."""
+    cfg = model_lib.read_json(init_dir / "config.json") if init_dir and (init_dir / "config.json").is_file() else {}
+    spec = args.tokenizer
+    if spec is None and "nca_tokenizer" in cfg:
+        spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(init_dir / cfg["nca_tokenizer"])
+    if spec is None:
+        spec = str(init_dir) if init_dir and data.tokenizer_file(init_dir) else "byte"
+    return spec, args.template or cfg.get("nca_template", "none")
+
+
+def load_base(run, device, dtype):
     """The model --init describes: a checkpoint (model.load) or a preset with a seeded random init."""
-    path = resolve_init(args)
-    torch.manual_seed(args.seed)  # every rank builds the same random model and the same LoRA init after it
-    if path is not None:
-        return model_lib.load(path, device=device, dtype=dtype)
+    torch.manual_seed(run.seed)  # every rank builds the same random model and the same LoRA init after it
+    if run.init_dir is not None:
+        return model_lib.load(run.init_dir, device=device, dtype=dtype)
     with torch.device(device):
-        return model_lib.Transformer(model_lib.PRESETS[args.init]).to(dtype)
+        return model_lib.Transformer(model_lib.PRESETS[run.init]).to(dtype)
 
 
-def init_key(args):
+def build_model(run, tok):
+    """(policy, frozen copy of the initial model or None): the base, a copy for --ref copy, then adapters."""
+    model = load_base(run, run.device, run.base_dtype)
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"tokenizer {run.tokenizer} has {tok.vocab_size} tokens, the model's vocabulary "
+                         f"only {model.args.vocab_size}")
+    if run.max_length > model.args.max_seq_len:
+        raise ValueError(f"--max-length {run.max_length} exceeds the model's max_seq_len {model.args.max_seq_len}")
+    frozen = copy.deepcopy(model).requires_grad_(False) if run.ref == "copy" else None
+    if run.lora_rank:
+        lora.inject(model, run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # adapters train in float32 even on a bf16 base (AdamW needs the bits)
+        if run.quantize == "4bit":
+            lora.quantize_4bit(model)
+    model.checkpoint_activations = run.checkpointing
+    return model, frozen
+
+
+def init_key(run):
     """What the reference log-probs depend on in the model: the checkpoint's bytes, or preset + seed."""
-    path = resolve_init(args)
-    if path is None:
-        return f"preset {args.init} {asdict(model_lib.PRESETS[args.init])} seed {args.seed}"
+    if run.init_dir is None:
+        return f"preset {run.init} {asdict(model_lib.PRESETS[run.init])} seed {run.seed}"
     h = hashlib.sha256()  # the weights' content: a copied or touched checkpoint keeps its cache
-    for f in sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".pth")):
+    for f in sorted(p for p in run.init_dir.iterdir() if p.suffix in (".json", ".safetensors", ".pth")):
         h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -199,103 +350,363 @@ def init_key(args):
     return h.hexdigest()
 
 
-def tokenizer_spec(args):
-    """(tokenizer spec, template): flags first, then what --init recorded in config.json (see export)."""
-    path = resolve_init(args)
-    cfg = model_lib.read_json(path / "config.json") if path and (path / "config.json").is_file() else {}
-    spec = args.tokenizer
-    if spec is None and "nca_tokenizer" in cfg:
-        spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(path / cfg["nca_tokenizer"])
-    if spec is None:
-        spec = str(path) if path and data.tokenizer_file(path) else "byte"
-    return spec, args.template or cfg.get("nca_template", "none")
+def shard(model, run):
+    """FSDP2: each block, then the root (embeddings, norm, head), sharded over the ranks. --dist ddp uses
+    the same machinery on a (world, 1) mesh: replicated parameters, all-reduced gradients, i.e. DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mesh = (init_device_mesh(run.device.type, (run.world,)) if run.dist == "fsdp" else
+            init_device_mesh(run.device.type, (run.world, 1), mesh_dim_names=("replicate", "shard")))
+    mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    register_fsdp_forward_method(model, "hidden")  # training calls model.hidden, not forward
+    return model
 
 
-def batch_logps(model, tokens, loss_mask):
-    """log pi(y|x) of each of the B*K rows [B*K]: one forward pass, then the fused LM-head log-prob over
-    the response positions only (position t predicts token t + 1)."""
-    h = model.hidden(tokens[:, :-1])  # [B*K, T-1, d]
-    return nca.sequence_logps(h, model.output.weight, tokens[:, 1:], loss_mask[:, 1:])  # [B*K]
-
-
-def objective(args, logps, ref, rewards, n_tokens):
-    """Mean loss over the B prompts of a micro-batch, and the metrics to log (all [B, K] in, METHOD.md)."""
-    if args.loss == "sft":  # mean NLL per response token, averaged over sequences
-        nll = -(logps / n_tokens.clamp(min=1))
-        return nll.mean(), {}
-    loss = nca.LOSSES[args.loss](logps, ref, rewards, alpha=args.alpha, beta=args.beta).mean()
-    return loss, nca.metrics(logps.detach(), ref, rewards, beta=args.beta)
-
-
-# ----------------------------------------------------------------------------- reference log-probs
+# ----------------------------------------------------------------------------- the reference policy mu
 
 @torch.no_grad()
-def reference_cache(model, examples, tok, args, path_of_data, key, amp, rank, world):
+def reference_cache(run, model, tok, examples, data_path, key):
     """log mu(y|x) [N, K] for every example, computed once and stored beside the data.
 
-    The file name is a hash of everything the numbers depend on (model weights or preset + seed, the
-    examples after pairing, tokenizer, template, max lengths, dtype), so a changed input makes a new file
-    and a stale one is never read. Each rank computes a share; rank 0 writes.
+    The file holds the hash of everything the numbers depend on (model weights or preset + seed, the
+    examples after pairing, tokenizer, template, max lengths, dtype) and is named by it, so a changed input
+    makes a new file; a file that does not hold what its name promises (cut short, overwritten, another
+    shape) is said so and recomputed. Each rank computes a share; rank 0 writes.
     """
-    h = hashlib.sha256(json.dumps([key, [asdict(e) for e in examples], args.tokenizer_spec, args.template_name,
-                                   args.max_length, args.max_prompt_length]).encode()).hexdigest()[:16]
-    cache = Path(f"{path_of_data}.ref-{h}.pt")
+    h = hashlib.sha256(json.dumps([key, [asdict(e) for e in examples], run.tokenizer, run.template,
+                                   run.max_length, run.max_prompt_length]).encode()).hexdigest()
+    cache = Path(f"{data_path}.ref-{h[:16]}.pt")
     if cache.is_file():
-        return torch.load(cache, weights_only=True)
-    mine, out = list(range(rank, len(examples), world)), [torch.zeros(0)]
-    for i in range(0, len(mine), args.batch_size):
-        batch = collate([examples[j] for j in mine[i:i + args.batch_size]], tok, args)
-        with amp():
-            out.append(batch_logps(model, batch["tokens"].to(args.device), batch["loss_mask"].to(args.device)).cpu())
+        try:
+            saved = model_lib.torch_load(cache, "reference cache")
+            why = ("not a reference cache" if not isinstance(saved, dict) or set(saved) != {"key", "logps"} else
+                   "made for other inputs" if saved["key"] != h else
+                   f"shape {list(saved['logps'].shape)}, expected [{len(examples)}, {run.K}]"
+                   if saved["logps"].shape != (len(examples), run.K) else None)
+        except ValueError as e:
+            why = str(e).split(": ", 1)[1]
+        if why is None:
+            return saved["logps"]
+        if run.master:
+            print(f"reference cache {cache} ignored ({why}): recomputing it")
+    mine, out = list(range(run.rank, len(examples), run.world)), [torch.zeros(0)]
+    for i in range(0, len(mine), run.batch_size):
+        batch = collate(run, tok, [examples[j] for j in mine[i:i + run.batch_size]])
+        with autocast(run):
+            out.append(nca.batch_logps(model, batch["tokens"].to(run.device),
+                                       batch["loss_mask"].to(run.device)).float().cpu())
     parts = [(mine, torch.cat(out))]
-    if world > 1:  # every rank's share, to every rank
-        parts, share = [None] * world, parts[0]
+    if run.world > 1:  # every rank's share, to every rank
+        parts, share = [None] * run.world, parts[0]
         dist.all_gather_object(parts, share)
-    ref = torch.zeros(len(examples), len(examples[0].responses))  # [N, K]
+    ref = torch.zeros(len(examples), run.K)  # [N, K]
     for idx, vals in parts:
         ref[idx] = vals.view(len(idx), -1)
-    if rank == 0:
-        atomic_save(ref, cache)
+    if run.master:
+        model_lib.atomic_write(cache, lambda f: torch.save({"key": h, "logps": ref}, f))
         print(f"reference log-probs of {len(examples)} examples cached in {cache}")
     return ref
 
 
-def collate(examples, tok, args):
-    return data.collate(examples, tok, template=args.template_name, max_length=args.max_length,
-                        max_prompt_length=args.max_prompt_length)
+def reference_logps(run, model, ref, ids, tokens, mask):
+    """log mu(y|x) [B*K] of a micro-batch, whichever way this run gets the reference policy mu:
+        precompute  ref is the [N, K] cache of the initial weights (reference_cache), ids index it
+        adapters    the policy itself with its LoRA adapters switched off: at B = 0 the model IS mu
+        copy        ref is a frozen copy of the initial model
+    (None for SFT, which has no reference.)"""
+    if run.ref == "none":
+        return None
+    if run.ref == "precompute":
+        return ref[ids].to(run.device).flatten()
+    with torch.no_grad(), autocast(run), lora.disabled(model) if run.ref == "adapters" else nullcontext():
+        return nca.batch_logps(ref if run.ref == "copy" else model, tokens, mask)
 
 
-# ----------------------------------------------------------------------------- checkpoints, logging
+# ----------------------------------------------------------------------------- one micro-batch
 
-def atomic_save(obj, path):
-    model_lib.atomic_write(path, lambda f: torch.save(obj, f))
+def forward(run, model, tok, ref, examples, ids):
+    """(loss, metrics, tokens) of one micro-batch of prompts examples[ids]; the metrics are 0-dim tensors or
+    numbers, so nothing here waits for the device."""
+    batch = collate(run, tok, [examples[i] for i in ids])
+    tokens, mask, rewards = (batch[k].to(run.device) for k in ("tokens", "loss_mask", "rewards"))
+    with autocast(run):
+        logps = nca.batch_logps(model, tokens, mask).view(rewards.shape)  # [B, K] float32
+    stats = {"truncated": batch["responses_truncated"] / mask.shape[0]}  # share of responses cut at --max-length
+    if run.loss == "sft":  # mean NLL per response token, averaged over sequences
+        return -(logps / mask[:, 1:].sum(-1).view(rewards.shape).clamp(min=1)).mean(), stats, tokens.numel()
+    ref_logps = reference_logps(run, model, ref, ids, tokens, mask).view(rewards.shape)  # [B, K]
+    if run.loss in ("infonca", "nca"):
+        loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, alpha=run.alpha, beta=run.beta).mean()
+    else:
+        loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, beta=run.beta).mean()
+    return loss, {**nca.metrics(logps.detach(), ref_logps, rewards, beta=run.beta), **stats}, tokens.numel()
 
 
-def write_jsonl(path, rows):
-    model_lib.atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+@torch.no_grad()
+def evaluate(run, model, tok, ref, examples):
+    """Loss and metrics over the held-out examples; every rank runs the same number of forwards
+    (FSDP gathers weights collectively) and weighs its means by the rows that are not filler."""
+    model.eval()  # no LoRA dropout: the metrics are deterministic and draw nothing from training's RNG
+    mine = list(range(run.rank, len(examples), run.world))
+    n_batches = math.ceil(math.ceil(len(examples) / run.world) / run.batch_size)
+    sums, n = {}, 0
+    for b in range(n_batches):
+        ids = mine[b * run.batch_size:(b + 1) * run.batch_size]
+        loss, stats, _ = forward(run, model, tok, ref, examples, ids or [0])
+        for k, v in {"loss": loss, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(ids)
+        n += len(ids)
+    totals = all_mean([*sums.values(), n], run)  # per-rank sums: their ratio is the global mean
+    model.train()
+    return {k: v / totals[-1] for k, v in zip(sums, totals)}
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def all_mean(values, run):
+    """Mean over ranks of a list of numbers and 0-dim tensors, as floats: one all-reduce, ON the device
+    (NCCL serves CUDA tensors only), and the step's one host sync."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=run.device) for v in values])
+    if run.world > 1:
+        dist.all_reduce(t)
+        t /= run.world
+    return t.tolist()
 
 
-def read_jsonl(path):
-    # a line cut short by a crash mid-append has no newline yet: skip it (resume rewrites the file without it)
-    return [json.loads(line) for line in open(path) if line.endswith("\n")] if Path(path).is_file() else []
+# ----------------------------------------------------------------------------- training
+
+def train(args):
+    rank, world, device = setup_distributed(args)
+    examples, eval_examples, eval_path = load_data(args)
+    run = configure(args, examples, rank, world, device)
+    tok = data.load_tokenizer(run.tokenizer)
+    ckpt = read_checkpoint(run) if args.resume else None  # now, not after the reference log-probs
+    if (run.out / "ckpt" / "state.pt").is_file() and not args.resume:  # a fresh run would overwrite it
+        raise ValueError(f"--out {run.out} holds the checkpoint of an earlier run ({run.out / 'ckpt' / 'state.pt'}):"
+                         " pass --resume to continue it, or another --out to start afresh")
+
+    model, frozen = build_model(run, tok)
+    ref, eval_ref = frozen, frozen
+    if run.ref == "precompute":  # before any training: with LoRA the fresh adapters are zero anyway
+        key = [init_key(run), run.quantize, str(run.base_dtype), str(run.dtype)]
+        with lora.disabled(model) if run.lora_rank else nullcontext():
+            ref = reference_cache(run, model, tok, examples, args.data, key)
+            eval_ref = reference_cache(run, model, tok, eval_examples, eval_path, key) if eval_examples else None
+    trainable, total = lora.count_parameters(model)
+    if run.master:
+        print(f"{len(examples)} training prompts x K = {run.K}, {len(eval_examples)} held out | {trainable:,} of "
+              f"{total:,} parameters train | reference: {run.ref} | {world} process(es), global batch "
+              f"{run.global_batch} prompts | {run.steps} steps")
+        if run.sample:  # from the plain (not yet sharded) model
+            print_samples(run, model, tok, (eval_examples or examples)[:run.sample], "before")
+    if run.compile:
+        for block in model.layers:
+            block.compile()
+    if world > 1:
+        shard(model, run)
+        if frozen is not None:
+            shard(frozen, run)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), weight_decay=run.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, run))
+    start = resume(run, ckpt, model, optimizer, schedule) if ckpt else start_log(run)
+
+    model.train()
+    t0, log = time.time(), {}
+    for step in range(start, run.steps):
+        t_step, sums, n_tok = time.time(), {}, 0
+        ids = batch_indices(step, len(examples), run.global_batch, run.seed)[rank::world]  # this rank's share
+        for m in range(run.grad_accum):
+            loss, stats, ntok = forward(run, model, tok, ref, examples, ids[m * run.batch_size:(m + 1) * run.batch_size])
+            (loss / run.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / run.grad_accum
+            n_tok += ntok
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        *vals, grad_norm = all_mean([*sums.values(), grad_norm], run)  # the step's one host sync
+        log = dict(zip(sums, vals))
+        if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):  # before the update: weights stay clean
+            raise FloatingPointError(f"non-finite loss {log['loss']} or gradient norm {grad_norm} at step "
+                                     f"{step + 1}: stopped, nothing saved (last good checkpoint: "
+                                     f"{run.out / 'ckpt' / 'state.pt'}); try a lower --lr or --beta")
+        lr_used = schedule.get_last_lr()[0]  # after schedule.step() it is the next step's
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        done, elapsed = step + 1, time.time() - t0
+        record = {"step": done, "split": "train", **log, "lr": lr_used, "grad_norm": grad_norm,
+                  "tokens_per_s": n_tok * world / (time.time() - t_step), "elapsed_s": elapsed}
+        if run.master:
+            data.append_jsonl(run.out / "metrics.jsonl", record)
+            print(progress_line(record, run.steps, elapsed / (done - start) * (run.steps - done)), flush=True)
+        if eval_examples and (done % run.eval_every == 0 or done == run.steps):
+            ev = evaluate(run, model, tok, eval_ref, eval_examples)
+            if run.master:
+                data.append_jsonl(run.out / "metrics.jsonl", {"step": done, "split": "eval", **ev})
+                print(f"eval step {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
+            log.update({f"eval/{k}": v for k, v in ev.items()})
+        if done % run.save_every == 0 or done == run.steps:
+            save_checkpoint(run, model, optimizer, schedule, done)
+    finish(run, model, tok, (eval_examples or examples)[:run.sample])
+    return log
+
+
+def lr_factor(run, s):
+    """Linear warmup over run.warmup steps, then cosine decay to 0 at run.steps."""
+    if s < run.warmup:
+        return (s + 1) / run.warmup
+    return 0.5 * (1 + math.cos(math.pi * (s - run.warmup) / max(1, run.steps - run.warmup)))
+
+
+def finish(run, model, tok, sample_examples):
+    """The curves, then the trained policy as a plain model (LoRA merged): OUT/final and the samples after."""
+    if run.master:
+        plot_curves(run.out)
+    if run.export or run.sample:
+        final = final_model(run, model)
+        if run.master:
+            if run.export:
+                export_final(run, final, run.out / "final")
+            if run.sample:
+                print_samples(run, final.to(run.device), tok, sample_examples, "after")
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def progress_line(r, steps, eta):
+    parts = [f"step {r['step']}/{steps}", f"loss {r['loss']:.4f}"]
+    if "rewards/accuracies" in r:
+        parts += [f"acc {r['rewards/accuracies']:.2f}",
+                  f"log pi/mu chosen {r['logratio/chosen']:+.3f} rejected {r['logratio/rejected']:+.3f}",
+                  f"margin {r['rewards/margins']:+.4f}"]
+    parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"{hms(r['elapsed_s'])} elapsed",
+              f"ETA {hms(eta)}"]
+    return " | ".join(parts)
 
 
 def hms(seconds):
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+# ----------------------------------------------------------------------------- checkpoints and export
+
+def save_checkpoint(run, model, optimizer, schedule, step):
+    """Model (or only the adapters), optimizer, schedule, step (= data position), RNG: all gathered, rank 0
+    writes one file atomically."""
+    # with LoRA the frozen base is --init itself: keep only what trains (and do not copy 7B frozen weights to
+    # the CPU to drop them)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(run.lora_rank))
+    state = get_model_state_dict(model, options=opts)
+    if run.lora_rank:
+        state = lora.adapter_state(state)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    if run.master:
+        ckpt = {"step": step, "model": state, "optimizer": optim, "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(), "model_args": asdict(model.args),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                "config": resume_key(run)}
+        model_lib.atomic_write(run.out / "ckpt" / "state.pt", lambda f: torch.save(ckpt, f))
+
+
+def read_checkpoint(run):
+    """state.pt, refused unless the run that saved it had the same settings (resume_key)."""
+    path = run.out / "ckpt" / "state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist")
+    # mmap: under torchrun every rank reads the whole file, the page cache holds it once
+    ckpt = model_lib.torch_load(path, "checkpoint of this train.py (--resume)", mmap=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (no settings recorded in it)")
+    saved = ckpt["config"]
+    diff = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in resume_key(run).items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"--resume: {path} was saved by a run with {', '.join(diff)}; resume with the same "
+                         f"settings, or start afresh in another --out")
+    return ckpt
+
+
+def resume(run, ckpt, model, optimizer, schedule):
+    """Restore everything a run's future depends on; drop the metrics logged after the checkpoint."""
+    if ckpt["model_args"] != asdict(model.args):  # e.g. the --init directory now holds another model
+        raise ValueError(f"--resume: {run.out / 'ckpt' / 'state.pt'} was saved for model {ckpt['model_args']}; "
+                         f"--init {run.init} builds {asdict(model.args)}")
+    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True,
+                                                                         strict=not run.lora_rank))
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    schedule.load_state_dict(ckpt["schedule"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    if run.master:  # metrics logged after the checkpoint belong to the lost future
+        rows = [r for r in data.read_jsonl(run.out / "metrics.jsonl", log=True) if r["step"] <= ckpt["step"]]
+        data.write_jsonl(run.out / "metrics.jsonl", rows)  # atomically: a crash here keeps the old log
+        print(f"resumed from {run.out / 'ckpt' / 'state.pt'} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def start_log(run):
+    """A fresh run: OUT/ckpt created only now, when every input has been checked; a fresh metrics log."""
+    if run.master:
+        try:
+            (run.out / "ckpt").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {run.out}: cannot create {run.out / 'ckpt'} ({e.strerror})") from None
+        (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    return 0
+
+
+def final_model(run, model):
+    """The trained policy as a plain Transformer in the dtype it trained in (LoRA merged: W + alpha/r B A),
+    gathered onto rank 0's CPU; the other ranks get None."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.master:
+        return None
+    if run.lora_rank:
+        if run.quantize == "4bit":  # merging into NF4 would requantise: merge into the 16-bit base
+            state = {**load_base(run, "cpu", run.base_dtype).state_dict(), **lora.adapter_state(state)}
+        state = lora.merged_state(state, run.lora_alpha / run.lora_rank)
+    with torch.device("meta"):
+        final = model_lib.Transformer(model.args)
+    final.load_state_dict(state, assign=True)
+    return final
+
+
+def export_final(run, model, path):
+    """HF layout via model.save_hf, plus the tokenizer (copied if it is a file) and template in config.json,
+    so the next stage (evaluation, a second round) can load model and tokenizer from this one directory."""
+    spec = run.tokenizer
+    if spec != "byte":
+        src = Path(spec)
+        src = src if src.is_file() else data.tokenizer_file(src)
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, path / src.name)
+        spec = src.name
+    model_lib.save_hf(model, path, config={"nca_tokenizer": spec, "nca_template": run.template})
+    print(f"exported {path} (Hugging Face layout)")
+
+
+def print_samples(run, model, tok, examples, when):
+    """Greedy continuations of the prompts, tokenized exactly as in training (collate's prompt part)."""
+    prompts = data.prompt_ids([e.prompt for e in examples], tok, template=run.template,
+                              max_length=run.max_length, max_prompt_length=run.max_prompt_length)
+    with autocast(run):  # a bf16 base under float32 adapters: the matmuls need autocast's common dtype
+        outs = model_lib.generate(model, prompts, max_new_tokens=min(128, run.max_length - run.max_prompt_length),
+                                  eos_id=data.end_of_turn(tok, run.template))  # stop where training ends a turn
+    for e, o in zip(examples, outs):
+        # a model whose vocabulary is larger than the tokenizer's (padded presets) may emit ids it cannot decode
+        print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.vocab_size])!r}")
+
+
 def plot_curves(out):
     """OUT/curves.png from OUT/metrics.jsonl: loss, chosen / rejected log-ratio log pi - log mu (the
-    likelihood-decrease curve of METHOD.md), reward accuracy; eval points as markers."""
+    likelihood-decrease curve, nca.metrics), reward accuracy; eval points as markers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_jsonl(Path(out) / "metrics.jsonl")
+    rows = data.read_jsonl(Path(out) / "metrics.jsonl", log=True)
     if not rows:
         raise FileNotFoundError(f"{out}/metrics.jsonl: no metrics to plot")
     panels = [("loss", ["loss"]), ("log pi - log mu", ["logratio/chosen", "logratio/rejected"]),
@@ -304,7 +715,7 @@ def plot_curves(out):
     for ax, (title, keys) in zip(axes, panels):
         for split, style in (("train", "-"), ("eval", "o--")):
             for j, k in enumerate(keys):
-                pts = [(r["step"], r[k]) for r in rows if r["split"] == split and k in r]
+                pts = [(r["step"], r[k]) for r in rows if r.get("split") == split and k in r]
                 if pts:
                     ax.plot(*zip(*pts), style, color=f"C{j}", label=f"{split} {k}", markersize=4)
         ax.set_title(title)
@@ -318,7 +729,7 @@ def plot_curves(out):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- processes
 
 def setup_distributed(args):
     """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot (gloo)."""
@@ -338,32 +749,6 @@ def setup_distributed(args):
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def shard(model, args, world, device, dtype):
-    """FSDP2: each block, then the root (embeddings, norm, head), sharded over the ranks. --dist ddp uses
-    the same machinery on a (world, 1) mesh: replicated parameters, all-reduced gradients, i.e. DDP."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mesh = (init_device_mesh(device.type, (world,)) if args.dist == "fsdp" else
-            init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard")))
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    register_fsdp_forward_method(model, "hidden")  # training calls model.hidden, not forward
-    return model
-
-
-def all_mean(values, world):
-    """Mean over ranks of a list of floats (one all-reduce)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
-# ----------------------------------------------------------------------------- main
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # the built-in default: the toy pipeline end to end, a few minutes on a laptop CPU
@@ -375,310 +760,9 @@ def main(argv=None):
             plot_curves(args.plot)
             return {}
         return train(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, a failed write, a blow-up: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def train(args):
-    rank, world, device = setup_distributed(args)
-    args.device = str(device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    amp = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
-    master = rank == 0
-    out = Path(args.out)
-    ckpt_path = out / "ckpt" / "state.pt"
-    if ckpt_path.is_file() and not args.resume:  # a fresh run would overwrite it at its first save
-        raise ValueError(f"--out {out} holds the checkpoint of an earlier run ({ckpt_path}): pass --resume to "
-                         "continue it, or another --out to start afresh")
-    if master:
-        (out / "ckpt").mkdir(parents=True, exist_ok=True)
-
-    # --- data
-    args.tokenizer_spec, args.template_name = tokenizer_spec(args)
-    tok = data.load_tokenizer(args.tokenizer_spec)
-    examples = prepare_examples(args.data, args, "--data")
-    if args.eval_data:
-        eval_examples, eval_path = prepare_examples(args.eval_data, args, "--eval-data"), args.eval_data
-    else:  # hold out every 20th example of a fixed shuffle
-        held = set(permutation(len(examples), args.seed, -1)[:len(examples) // 20])
-        eval_examples = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-        eval_path = args.data
-    K = len(examples[0].responses)
-    global_batch = args.batch_size * args.grad_accum * world
-    steps = args.steps or math.ceil(len(examples) / global_batch)
-    warmup = steps // 10 if args.warmup is None else args.warmup
-    lr = args.lr if args.lr is not None else 5e-5 if args.lora_rank else 5e-7
-    args.lora_alpha = args.lora_alpha or 2.0 * args.lora_rank
-    # everything the run's future depends on: --resume refuses a checkpoint saved under other settings
-    args.run_config = {f"--{k.replace('_', '-')}": getattr(args, k) for k in (
-        "loss", "alpha", "beta", "lora_rank", "lora_dropout", "lora_targets", "quantize", "grad_clip", "weight_decay",
-        "max_length", "max_prompt_length", "seed")}
-    args.run_config.update({
-        "--data examples sha256": hashlib.sha256(json.dumps([asdict(e) for e in examples]).encode()).hexdigest(),
-        "--init": str(Path(args.init).expanduser().resolve()) if resolve_init(args) else args.init,
-        "--tokenizer": args.tokenizer_spec, "--template": args.template_name, "--lr": lr, "--warmup": warmup,
-        "--lora-alpha": args.lora_alpha,
-        "--steps": steps, "--dtype": str(dtype), "global batch (--batch-size x --grad-accum x processes)": global_batch})
-    ckpt = read_checkpoint(ckpt_path, args) if args.resume else None  # now, not after the reference log-probs
-
-    # --- model: the base (the reference mu), then adapters, then the reference log-probs
-    base_dtype = dtype if args.lora_rank else torch.float32  # full FT: float32 master weights
-    model = load_base(args, device, base_dtype)
-    if tok.vocab_size > model.args.vocab_size:
-        raise ValueError(f"tokenizer {args.tokenizer_spec} has {tok.vocab_size} tokens, the model's vocabulary "
-                         f"only {model.args.vocab_size}")
-    if args.max_length > model.args.max_seq_len:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's max_seq_len {model.args.max_seq_len}")
-    ref_mode = "none" if args.loss == "sft" else args.ref if args.ref != "auto" else \
-        "adapters" if args.lora_rank else "precompute"
-    ref_model = copy.deepcopy(model).requires_grad_(False) if ref_mode == "copy" else None
-    if args.lora_rank:
-        lora.inject(model, args.lora_targets, args.lora_rank, args.lora_alpha,
-                    args.lora_dropout)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # adapters train in float32 even on a bf16 base (AdamW needs the bits)
-        if args.quantize == "4bit":
-            lora.quantize_4bit(model)
-    trainable, total = lora.count_parameters(model)
-    ref_cache, eval_ref_cache = None, None
-    if ref_mode == "precompute":  # before any training: with LoRA the fresh adapters are zero anyway
-        key = [init_key(args), args.quantize, str(base_dtype), str(dtype)]
-        with lora.disabled(model) if args.lora_rank else nullcontext():
-            ref_cache = reference_cache(model, examples, tok, args, args.data, key, amp, rank, world)
-            if eval_examples:
-                eval_ref_cache = reference_cache(model, eval_examples, tok, args, eval_path, key, amp, rank, world)
-    if master:
-        print(f"{len(examples)} training prompts x K = {K}, {len(eval_examples)} held out | {trainable:,} of "
-              f"{total:,} parameters train | reference: {ref_mode} | {world} process(es), global batch "
-              f"{global_batch} prompts | {steps} steps")
-
-    # --- samples before training, from the plain (not yet sharded) model
-    if args.sample and master:
-        print_samples(model, tok, (eval_examples or examples)[:args.sample], args, "before")
-
-    model.checkpoint_activations = args.checkpointing
-    if args.compile:
-        for block in model.layers:
-            block.compile()
-    if world > 1:
-        shard(model, args, world, device, dtype)
-        if ref_model is not None:
-            shard(ref_model, args, world, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-
-    # --- resume: everything a run's future depends on is in state.pt
-    start = 0
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, ckpt_path, model, optimizer, schedule, args)
-        if master:  # metrics logged after the checkpoint belong to the lost future: drop them
-            rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
-            write_jsonl(out / "metrics.jsonl", rows)  # atomically: a crash here keeps the old log
-            print(f"resumed from {ckpt_path} at step {start}")
-    elif master and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-
-    def forward(ids, exs, cache):
-        """(loss, metrics, tokens) of one micro-batch of prompts; cache = precomputed log mu or None."""
-        batch = collate(exs, tok, args)
-        tokens, mask, rewards = (batch[k].to(device) for k in ("tokens", "loss_mask", "rewards"))
-        with amp():
-            logps = batch_logps(model, tokens, mask).view(rewards.shape)  # [B, K] float32
-        ref = None if cache is None else cache[ids].to(device)  # [B, K]
-        if ref_mode in ("copy", "adapters"):  # the frozen copy, or the same weights with the adapters off
-            with torch.no_grad(), amp(), lora.disabled(model) if ref_model is None else nullcontext():
-                ref = batch_logps(ref_model or model, tokens, mask).view(rewards.shape)
-        loss, stats = objective(args, logps, ref, rewards, mask[:, 1:].sum(-1).view(rewards.shape))
-        stats["truncated"] = batch["responses_truncated"] / mask.shape[0]  # share of responses cut at --max-length
-        return loss, stats, tokens.numel()
-
-    @torch.no_grad()
-    def evaluate():
-        """Loss and metrics over the held-out examples; every rank runs the same number of forwards
-        (FSDP gathers weights collectively) and drops the filler rows."""
-        model.eval()  # no LoRA dropout: the metrics are deterministic and draw nothing from training's RNG
-        mine = list(range(rank, len(eval_examples), world))
-        n_batches = math.ceil(math.ceil(len(eval_examples) / world) / args.batch_size)
-        sums, n = {}, 0
-        for b in range(n_batches):
-            ids = mine[b * args.batch_size:(b + 1) * args.batch_size]
-            real = len(ids)
-            ids = ids or [0]
-            loss, stats, _ = forward(ids, [eval_examples[i] for i in ids], eval_ref_cache)
-            for k, v in {"loss": loss, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * real
-            n += real
-        keys = list(sums)
-        totals = all_mean([sums[k] for k in keys] + [n], world)  # per-rank means: their ratio is the global one
-        model.train()
-        return {k: v / totals[-1] for k, v in zip(keys, totals)}
-
-    model.train()
-    t0, log = time.time(), {}
-    for step in range(start, steps):
-        ids_all = batch_indices(step, len(examples), global_batch, args.seed)[rank::world]  # this rank's share
-        t_step, sums, n_tok = time.time(), {}, 0
-        for m in range(args.grad_accum):
-            ids = ids_all[m * args.batch_size:(m + 1) * args.batch_size]
-            loss, stats, ntok = forward(ids, [examples[i] for i in ids], ref_cache)
-            (loss / args.grad_accum).backward()
-            n_tok += ntok
-            for k, v in {"loss": loss.detach(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        keys = list(sums)
-        vals = all_mean([sums[k] for k in keys] + [n_tok], world)
-        log = dict(zip(keys, vals[:-1]))
-        if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):  # before the update: weights stay clean
-            raise FloatingPointError(f"non-finite loss {log['loss']} or gradient norm {grad_norm} at step "
-                                     f"{step + 1}: stopped, nothing saved (last good checkpoint: {ckpt_path}); "
-                                     f"try a lower --lr or --beta")
-        lr_used = schedule.get_last_lr()[0]  # after schedule.step() it is the next step's
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        dt, elapsed = time.time() - t_step, time.time() - t0
-        record = {"step": done, "split": "train", **log, "lr": lr_used, "grad_norm": grad_norm,
-                  "tokens_per_s": vals[-1] * world / dt, "elapsed_s": elapsed}
-        if master:
-            append_jsonl(out / "metrics.jsonl", record)
-            print(progress_line(record, steps, elapsed / (done - start) * (steps - done)), flush=True)
-        if eval_examples and (done % args.eval_every == 0 or done == steps):
-            ev = evaluate()
-            if master:
-                append_jsonl(out / "metrics.jsonl", {"step": done, "split": "eval", **ev})
-                print(f"eval step {done}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
-            log.update({f"eval/{k}": v for k, v in ev.items()})
-        if done % args.save_every == 0 or done == steps:
-            save_checkpoint(ckpt_path, model, optimizer, schedule, done, args, master)
-    if master:
-        plot_curves(out)
-
-    # --- export: a plain Transformer with LoRA merged, in Hugging Face layout
-    if args.export or args.sample:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if master:
-            final = plain_model(state, args, model.args)
-            if args.export:
-                export_final(final, out / "final", args)
-            if args.sample:
-                print_samples(final.to(device), tok, (eval_examples or examples)[:args.sample], args, "after")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return log
-
-
-def progress_line(r, steps, eta):
-    parts = [f"step {r['step']}/{steps}", f"loss {r['loss']:.4f}"]
-    if "rewards/accuracies" in r:
-        parts += [f"acc {r['rewards/accuracies']:.2f}",
-                  f"log pi/mu chosen {r['logratio/chosen']:+.3f} rejected {r['logratio/rejected']:+.3f}",
-                  f"margin {r['rewards/margins']:+.4f}"]
-    parts += [f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:,.0f} tok/s", f"{hms(r['elapsed_s'])} elapsed",
-              f"ETA {hms(eta)}"]
-    return " | ".join(parts)
-
-
-def save_checkpoint(path, model, optimizer, schedule, step, args, master):
-    """Model (or only the adapters), optimizer, schedule, step (= data position), RNG: all gathered, rank 0
-    writes one file atomically."""
-    # with LoRA the frozen base is --init itself: keep only what trains (and do not copy 7B frozen weights to
-    # the CPU to drop them; the 4-bit base is buffers, hence the filter too)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(args.lora_rank))
-    state = get_model_state_dict(model, options=opts)
-    if args.lora_rank:
-        state = {k: v for k, v in state.items() if ".lora_" in k}
-    optim = get_optimizer_state_dict(model, optimizer, options=opts)
-    if master:
-        atomic_save({"step": step, "model": state, "optimizer": optim, "schedule": schedule.state_dict(),
-                     "rng": torch.get_rng_state(), "model_args": asdict(model.args),
-                     "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                     "config": args.run_config}, path)
-
-
-def read_checkpoint(path, args):
-    """state.pt, refused unless the run that saved it had the same settings (args.run_config)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist")
-    try:  # mmap: under torchrun every rank reads the whole file, the page cache holds it once
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved = ckpt["config"]
-    except Exception as e:  # torch raises many kinds here (zip, pickle, EOF); an older file lacks our keys
-        raise ValueError(f"--resume: {path} ({path.stat().st_size:,} bytes) is not a readable checkpoint of this "
-                         f"train.py ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    diff = [f"{k} {saved.get(k)!r} (this run: {v!r})" for k, v in args.run_config.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"--resume: {path} was saved by a run with {', '.join(diff)}; resume with the same "
-                         f"settings, or start afresh in another --out")
-    return ckpt
-
-
-def load_checkpoint(ckpt, path, model, optimizer, schedule, args):
-    if ckpt["model_args"] != asdict(model.args):  # e.g. the --init directory now holds another model
-        raise ValueError(f"--resume: {path} was saved for model {ckpt['model_args']}; --init {args.init} builds "
-                         f"{asdict(model.args)}")
-    opts = StateDictOptions(full_state_dict=True, strict=not args.lora_rank)
-    set_model_state_dict(model, ckpt["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-    schedule.load_state_dict(ckpt["schedule"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    return ckpt["step"]
-
-
-def plain_model(state, args, margs):
-    """A plain Transformer holding the trained weights, LoRA merged (W + alpha/r B A)."""
-    if args.quantize == "4bit":  # merging into NF4 would requantise: merge into the 16-bit base (lora.merge)
-        model = load_base(args, "cpu", torch.float32)
-        state = {k: v for k, v in state.items() if ".lora_" in k}
-    else:
-        with torch.device("meta"):
-            model = model_lib.Transformer(margs)
-    if args.lora_rank:
-        lora.inject(model, args.lora_targets, args.lora_rank, args.lora_alpha)
-    model.load_state_dict(state, strict=args.quantize == "none", assign=True)
-    if args.lora_rank:
-        lora.merge(model)
-        state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-        with torch.device("meta"):
-            model = model_lib.Transformer(margs)
-        model.load_state_dict(state, assign=True)
-    return model
-
-
-def export_final(model, path, args):
-    """HF layout via model.save_hf, plus the tokenizer (copied if it is a file) and template in config.json,
-    so the next stage (evaluation, a second round) can load model and tokenizer from this one directory."""
-    spec = args.tokenizer_spec
-    if spec != "byte":
-        src = Path(spec)
-        src = src if src.is_file() else data.tokenizer_file(src)
-        path.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, path / src.name)
-        spec = src.name
-    model_lib.save_hf(model, path, config={"nca_tokenizer": spec, "nca_template": args.template_name})
-    print(f"exported {path} (Hugging Face layout)")
-
-
-def print_samples(model, tok, examples, args, when):
-    """Greedy continuations of the prompts, tokenized exactly as in training (collate's prompt part)."""
-    prompts = data.prompt_ids([e.prompt for e in examples], tok, template=args.template_name,
-                              max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    outs = model_lib.generate(model, prompts, max_new_tokens=min(128, args.max_length - args.max_prompt_length),
-                              eos_id=data.end_of_turn(tok, args.template_name))  # stop where training ends a turn
-    for e, o in zip(examples, outs):
-        # a model whose vocabulary is larger than the tokenizer's (padded presets) may emit ids it cannot decode
-        print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.vocab_size])!r}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_loading_an_adapter_into_another_shape_or_targets_fails_clearly(tmp_path
         with pytest.raises(ValueError, match=f"LoRA alpha must be a finite number > 0 .* got {alpha}"):
             lora.inject(tiny(), alpha=alpha)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt: cannot read as a LoRA adapter"):
+    with pytest.raises(ValueError, match="junk.pt: not a readable LoRA adapter"):
         lora.load_adapter(tiny(), tmp_path / "junk.pt")
     torch.save({"model": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not a LoRA adapter file"):
@@ -195,7 +195,7 @@ def test_truncated_adapter_file_is_refused_by_name(tmp_path):
     raw = (tmp_path / "adapter.pt").read_bytes()
     for cut in (len(raw) // 2, len(raw) - 100):          # torch raises RuntimeError for one, OSError for the other
         (tmp_path / "adapter.pt").write_bytes(raw[:cut])
-        with pytest.raises(ValueError, match="adapter.pt: cannot read as a LoRA adapter file"):
+        with pytest.raises(ValueError, match="adapter.pt: not a readable LoRA adapter file"):
             lora.load_adapter(tiny(), tmp_path / "adapter.pt")
 
 

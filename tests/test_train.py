@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 import data
 import model as model_lib
+import nca
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_pa
     # with LoRA dropout the masks come from the RNG: resuming must restore it, not only the weights
     args = ["--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", *extra]
     _, whole = run(tmp_path, *args, out="whole")
-    append = train.append_jsonl
+    append = data.append_jsonl
 
     def crash_after_step_3(path, record):
         append(path, record)
@@ -96,10 +96,10 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_pa
                 f.write('{"step": 4, "split": "tr')
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(train, "append_jsonl", crash_after_step_3)
+    monkeypatch.setattr(data, "append_jsonl", crash_after_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path, *args, out="cut")
-    monkeypatch.setattr(train, "append_jsonl", append)
+    monkeypatch.setattr(data, "append_jsonl", append)
     _, resumed = run(tmp_path, *args, "--resume", out="cut")
     timing = ("tokens_per_s", "elapsed_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
@@ -108,25 +108,34 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_pa
     assert a["step"] == b["step"] == 5 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),  # what a plain write raises
+                                   RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos")])
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole_and_resume_matches(tmp_path, monkeypatch, capsys,
+                                                                                   error):
+    args = ["--save-every", "1", "--steps", "3", "--no-export"]
+    _, whole = run(tmp_path, *args, out="whole")
     save = torch.save
 
     def disk_full_at_step_2(obj, f):
         if isinstance(obj, dict) and obj.get("step") == 2:  # half the bytes reach the file, then the write fails
             buf = io.BytesIO()
             save(obj, buf)
-            with open(f, "wb") if isinstance(f, (str, os.PathLike)) else nullcontext(f) as fh:
-                fh.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-            raise OSError("No space left on device")
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            raise error
         save(obj, f)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_2)
-    with pytest.raises(OSError, match="No space"):
-        run(tmp_path, "--save-every", "1", "--steps", "3", "--no-export")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(tmp_path, *args)
+    err = capsys.readouterr().err
+    state = tmp_path / "out" / "ckpt" / "state.pt"
+    assert err.count("\n") == 1 and f"error: {state}: write failed" in err, err
+    assert list(state.parent.iterdir()) == [state]  # no state.pt.tmp left behind
     monkeypatch.setattr(torch, "save", save)
-    assert torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)["step"] == 1
-    _, rows = run(tmp_path, "--save-every", "1", "--steps", "3", "--no-export", "--resume")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert torch.load(state, weights_only=True)["step"] == 1
+    _, resumed = run(tmp_path, *args, "--resume")
+    assert losses(resumed) == losses(whole) and [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in whole]
 
 
 def test_logged_lr_is_the_rate_each_step_used_linear_warmup_then_cosine(tmp_path):
@@ -179,25 +188,49 @@ def test_compiled_blocks_give_the_same_losses_as_eager(tmp_path):
     assert [r["grad_norm"] for r in compiled] == pytest.approx([r["grad_norm"] for r in eager], rel=1e-4, abs=0)
 
 
-def test_precomputed_reference_equals_on_the_fly_and_is_reused_until_the_data_changes(tmp_path, monkeypatch):
+def test_precomputed_reference_equals_on_the_fly_and_is_recomputed_only_when_its_inputs_change(tmp_path, monkeypatch,
+                                                                                                 capsys):
     path = write_reward_data(tmp_path / "data.jsonl", n=5, K=3)
     args = train.parse_args(["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--batch-size", "2"])
-    args.tokenizer_spec, args.template_name, args.device = "byte", "none", "cpu"
     examples = train.prepare_examples(path, args, "--data")
+    run = train.configure(args, examples, 0, 1, torch.device("cpu"))
     tok = data.load_tokenizer("byte")
     torch.manual_seed(0)
     model = model_lib.Transformer(model_lib.PRESETS["tiny"])
-    ref = train.reference_cache(model, examples, tok, args, path, ["key"], nullcontext, 0, 1)
+    calls = []
+    batch_logps = nca.batch_logps
+    monkeypatch.setattr(nca, "batch_logps", lambda *a: calls.append(1) or batch_logps(*a))
+
+    def cache(examples, key="key"):
+        calls.clear()
+        return train.reference_cache(run, model, tok, examples, path, [key]), len(calls)
+
+    ref, computed = cache(examples)
+    assert computed == 3  # 5 examples in batches of 2
     with torch.no_grad():  # on the fly: one prompt at a time, so other padding than the cached batches of 2
         for i, e in enumerate(examples):
-            b = train.collate([e], tok, args)
-            torch.testing.assert_close(ref[i], train.batch_logps(model, b["tokens"], b["loss_mask"]), rtol=0, atol=1e-5)
-    monkeypatch.setattr(train, "batch_logps", None)  # a second call must read the file, not compute
-    assert torch.equal(train.reference_cache(model, examples, tok, args, path, ["key"], nullcontext, 0, 1), ref)
-    with pytest.raises(TypeError):  # other model key (or data, tokenizer, lengths): other file, recomputed
-        train.reference_cache(model, examples, tok, args, path, ["other weights"], nullcontext, 0, 1)
-    with pytest.raises(TypeError):
-        train.reference_cache(model, examples[1:], tok, args, path, ["key"], nullcontext, 0, 1)
+            b = train.collate(run, tok, [e])
+            torch.testing.assert_close(ref[i], batch_logps(model, b["tokens"], b["loss_mask"]), rtol=0, atol=1e-5)
+    again, computed = cache(examples)
+    assert computed == 0 and torch.equal(again, ref)  # read from the file
+    (file,) = tmp_path.glob("data.jsonl.ref-*.pt")
+    for damage in (lambda: file.write_bytes(file.read_bytes()[:100]),  # cut short
+                   lambda: torch.save(torch.zeros(5, 3), file),  # a tensor, not what the name promises
+                   lambda: torch.save({"key": "another", "logps": ref}, file)):  # renamed from other inputs
+        damage()
+        capsys.readouterr()
+        again, computed = cache(examples)
+        assert computed == 3 and torch.equal(again, ref)
+        assert f"reference cache {file} ignored" in capsys.readouterr().out
+        assert cache(examples)[1] == 0  # and written back whole
+    assert cache(examples, "other weights")[1] == 3 and cache(examples[1:])[1] == 2  # other inputs, other files
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path):
+    _, accum = run(tmp_path, "--batch-size", "2", "--grad-accum", "2", "--steps", "3", "--no-export", out="accum")
+    _, whole = run(tmp_path, "--batch-size", "4", "--steps", "3", "--no-export", out="whole")
+    for k in ("loss", "grad_norm", "logratio/chosen", "rewards/accuracies"):
+        assert [r[k] for r in accum] == pytest.approx([r[k] for r in whole], rel=1e-5, abs=1e-7), k
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
@@ -222,24 +255,31 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
 
 @pytest.mark.parametrize("case, expected", [
     ("missing", "no such file"), ("loss", "invalid choice"), ("k_mismatch", "K = 3"), ("dpo_k4", "--pairs"),
-    ("too_long", "max_seq_len"), ("nan", "non-finite"), ("beta", "--beta must be"), ("steps", "--steps must be"),
+    ("too_long", "max_seq_len"), ("nan", "non-finite"), ("beta", "--beta (r_theta = beta * log pi / mu) must be"), ("steps", "--steps must be"),
     ("grad_clip", "--grad-clip must be"), ("sample", "--sample must be"), ("device", "--device foo"),
     ("resume_shape", "was saved for model {"), ("resume_loss", "--loss 'nca' (this run: 'infonca')"),
     ("resume_data", "--data examples sha256"), ("resume_lora", "--lora-rank 4 (this run: 8)"),
     ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it"),
-    ("dropout_no_lora", "--lora-dropout is dropout on the LoRA")])
+    ("dropout_no_lora", "--lora-dropout is dropout on the LoRA"), ("out_is_file", "exists and is not a directory"),
+    ("all_tied", "every response has the same reward"), ("resume_metrics", "metrics.jsonl:2: malformed JSON"),
+    ("dpo_alpha_unused", None)])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     path = write_reward_data(tmp_path / "data.jsonl")
     args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
             "dpo_k4": ["--loss", "dpo"], "too_long": ["--max-length", "4096"], "nan": ["--lr", "1e30"],
             "beta": ["--beta", "0"], "steps": ["--steps", "0"], "grad_clip": ["--grad-clip", "-1"],
             "sample": ["--sample", "-1"], "device": ["--device", "foo"], "resume_loss": ["--loss", "infonca"],
-            "resume_lora": ["--lora-rank", "8"], "dropout_no_lora": ["--lora-dropout", "0.1"]}.get(case, [])
+            "resume_lora": ["--lora-rank", "8"], "dropout_no_lora": ["--lora-dropout", "0.1"],
+            "out_is_file": ["--out", path], "all_tied": ["--loss", "dpo", "--pairs", "dpo"]}.get(case, [])
+    if case == "all_tied":
+        Path(path).write_text(Path(path).read_text().replace("[9, 5, 3, 1]", "[2, 2, 2, 2]"))
     if case == "k_mismatch":
         with open(path, "a") as f:
             f.write(json.dumps({"prompt": "1+1=", "responses": ["2", "3", "4"], "rewards": [3, 2, 1]}) + "\n")
-    if case.startswith("resume"):  # a finished run in OUT, then --resume with something changed
-        first = {"resume_lora": ["--lora-rank", "4"], "resume_shape": ["--init", str(tmp_path / "init")]}.get(case, [])
+    if case.startswith("resume") or case == "dpo_alpha_unused":  # a finished run in OUT, then --resume, changed
+        first = {"resume_lora": ["--lora-rank", "4"], "resume_shape": ["--init", str(tmp_path / "init")],
+                 "dpo_alpha_unused": ["--loss", "dpo", "--pairs", "dpo", "--steps", "5", "--alpha", "0.5"]
+                 }.get(case, [])
         if case == "resume_shape":  # the --init directory will hold another model by the time of --resume
             model_lib.save_hf(model_lib.Transformer(model_lib.PRESETS["tiny"]), tmp_path / "init")
         run(tmp_path, "--save-every", "1", "--no-export", *first, data_file=path)
@@ -252,6 +292,15 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
         model_lib.save_hf(other, tmp_path / "init")
     if case == "resume_data":  # one reward changed
         Path(path).write_text(Path(path).read_text().replace('"rewards": [9, 5', '"rewards": [9, 6', 1))
+    if case == "resume_metrics":  # a line of the log damaged (not the cut-short last line a crash leaves)
+        log = tmp_path / "out" / "metrics.jsonl"
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text(lines[0] + "garbage\n" + "".join(lines[2:]))
+    if case == "dpo_alpha_unused":  # DPO has no reward temperature: another --alpha changes nothing, resumes
+        train.main([*args[:-1], "0.1", "--data", path, "--out", str(tmp_path / "out"), "--max-length", "24",
+                    "--max-prompt-length", "8", "--batch-size", "4", "--lr", "3e-3", "--warmup", "0", "--beta", "0.1",
+                    "--save-every", "1", "--no-export"])
+        return
     if case == "resume_corrupt":  # cut short by something other than train.py (a copy, a full disk)
         state = tmp_path / "out" / "ckpt" / "state.pt"
         state.write_bytes(state.read_bytes()[:1000])
@@ -276,10 +325,9 @@ def test_sample_prints_generations_before_and_after_training(tmp_path, capsys):
     assert "+" in before[0] and "->" in before[0]  # the prompt and what the model said to it
 
 
-def test_lora_dropout_flag_reaches_the_adapters(tmp_path, monkeypatch):
-    seen = []
-    inject = train.lora.inject
-    monkeypatch.setattr(train.lora, "inject", lambda *a, **k: seen.append(a) or inject(*a, **k))
-    run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--lora-dropout", "0.1", "--no-export")
-    assert seen and seen[0][4] == 0.1
-    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in seen[0][0].modules())
+def test_lora_dropout_changes_training_after_the_first_step(tmp_path):
+    # at step 1 B = 0, so the adapter path (where dropout acts) adds nothing; from step 2 dropout's masks count
+    args = ["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2", "--no-export"]
+    _, off = run(tmp_path, *args, out="off")
+    _, on = run(tmp_path, *args, "--lora-dropout", "0.5", out="on")
+    assert losses(on)[0] == losses(off)[0] and losses(on)[1:] != losses(off)[1:]

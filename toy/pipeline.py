@@ -15,12 +15,13 @@ Everything goes to --out (default out/pipeline, ignored by git); each stage's re
 name hashed from the settings it depends on, so a rerun only redoes what changed.
 """
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import random
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,10 @@ import torch
 
 import data
 import model as model_lib
-import train
+import nca
 from toy import arith
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (train.py --loss, --pairs): the paper's comparisons on K = 4 reward data (METHOD.md, Baselines)
 METHODS = {
@@ -100,10 +103,15 @@ def _resume(run):
     return ["--resume"] if (run / "ckpt" / "state.pt").is_file() else []
 
 
-def _train(argv, log):
-    """train.main with its per-step lines sent to a log file: the pipeline prints one line per stage."""
-    with open(log, "w") as f, contextlib.redirect_stdout(f):
-        return train.main(argv)
+def _train(cfg, argv, log):
+    """`python train.py ARGV` with its per-step lines sent to a log file: the pipeline prints one line per
+    stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads)."""
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
+    if done.returncode:
+        tail = Path(log).read_text().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"train.py {' '.join(argv)} failed (exit {done.returncode}): {tail[0]}; see {log}")
 
 
 # ----------------------------------------------------------------------------- stage 1: SFT
@@ -117,7 +125,7 @@ def stage_sft(cfg):
     rng = random.Random(0)
     demos = [{"prompt": p, "response": arith.demonstration(p, rng, cfg.p_error)}
              for p in arith.prompts(cfg.n_demos, split="train", seed=0, n_ops=cfg.n_ops, max_operand=cfg.max_operand)]
-    train.write_jsonl(run / "demos.jsonl", demos)
+    data.write_jsonl(run / "demos.jsonl", demos)
     # train.py builds presets only; an explicit small config is a checkpoint directory to --init from
     tok = data.load_tokenizer("byte")
     args = model_lib.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
@@ -125,7 +133,7 @@ def stage_sft(cfg):
     torch.manual_seed(0)
     model_lib.save_hf(model_lib.Transformer(args), run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
     t0 = time.time()
-    _train(["--loss", "sft", "--data", str(run / "demos.jsonl"), "--init", str(run / "init"), "--out", str(run),
+    _train(cfg, ["--loss", "sft", "--data", str(run / "demos.jsonl"), "--init", str(run / "init"), "--out", str(run),
             "--steps", str(cfg.sft_steps), "--batch-size", str(cfg.sft_batch), "--lr", str(cfg.sft_lr),
             "--warmup", "50", "--max-length", str(MAX_PROMPT + MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
             "--save-every", str(cfg.sft_steps), "--eval-every", str(cfg.sft_steps), *_resume(run)], run / "log.txt")
@@ -163,7 +171,7 @@ def stage_sample(cfg, mu, tok, seed):
             dropped += 1
             continue
         rows.append({"prompt": p, "responses": ys, "rewards": [arith.reward(p, y) for y in ys]})
-    train.write_jsonl(path, rows)
+    data.write_jsonl(path, rows)
     r = torch.tensor([row["rewards"] for row in rows])
     print(f"stage 2 data (seed {seed}): {len(rows)} prompts x K = {cfg.K} in {time.time() - t0:.0f}s, mean reward "
           f"{r.mean():.3f}, correct {(r == 1).float().mean():.3f}, prompts with all K tied {(r == r[:, :1]).all(1).float().mean():.2f}"
@@ -181,7 +189,7 @@ def stage_align(cfg, sft, data_path, method, seed):
     loss, pairs = METHODS[method]
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    _train(["--loss", loss, "--pairs", pairs, "--data", str(data_path), "--init", str(sft), "--out", str(run),
+    _train(cfg, ["--loss", loss, "--pairs", pairs, "--data", str(data_path), "--init", str(sft), "--out", str(run),
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch), "--lr", str(cfg.lr), "--beta", str(cfg.beta),
             "--alpha", str(cfg.alpha), "--lora-rank", str(cfg.lora_rank), "--seed", str(seed),
             "--max-length", str(MAX_PROMPT + MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
@@ -201,7 +209,7 @@ def logps(model, prompts, responses):
     for i, (p, r) in enumerate(zip(prompts, responses)):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p):len(p) + len(r)] = True
-    return train.batch_logps(model, tokens, mask)
+    return nca.batch_logps(model, tokens, mask)
 
 
 @torch.no_grad()
