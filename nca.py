@@ -321,3 +321,9 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
     logp = FusedLogp.apply(h_m, W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
     return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, logp.float())
 
+
+def batch_logps(model, tokens, loss_mask):
+    """log pi(y|x) of each of the B*K rows [B*K]: one forward pass, then the fused LM-head log-prob over
+    the response positions only (position t predicts token t + 1)."""
+    h = model.hidden(tokens[:, :-1])  # [B*K, T-1, d]
+    return sequence_logps(h, model.output.weight, tokens[:, 1:], loss_mask[:, 1:])  # [B*K]
