@@ -225,7 +225,7 @@ def bench_lora(argv):
 TRAIN_VARIANTS = {
     "plain, frozen copy": "a plain loop: full [B*K, T, V] logits, log_softmax, gather; reference = frozen copy",
     "plain, precomputed": "the same loop, reference log-probs read from a precomputed cache",
-    "train.py": "train.batch_logps (one forward, nca's fused log-prob) + precomputed reference",
+    "train.py": "nca.batch_logps (one forward, nca's fused log-prob) + precomputed reference",
 }
 
 
@@ -237,7 +237,6 @@ def train_variant(variant, vocab, steps, threads):
     import resource
 
     import nca
-    import train
     from model import ModelArgs, Transformer
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -260,7 +259,7 @@ def train_variant(variant, vocab, steps, threads):
     for i in range(steps + 1):  # step 0 warms up (allocator, first-touch pages)
         t0 = time.perf_counter()
         if variant == "train.py":
-            logps, ref = train.batch_logps(model, tokens, mask).view(B, K), cached_ref
+            logps, ref = nca.batch_logps(model, tokens, mask).view(B, K), cached_ref
         else:
             logps = plain_logps(model)
             if ref_model is None:

@@ -3,7 +3,7 @@
 Read top to bottom:
 1. `Example` and `load_examples`: four JSON Lines formats -> one internal form (prompt, K responses,
    K rewards), validated with errors that name file, line and field. `to_pairs` turns reward data
-   into the paper's DPO baselines (METHOD.md, "Baselines").
+   into the paper's DPO baselines (Chen et al. 2024, Sec. 5).
 2. `Tokenizer` and `load_tokenizer`: every tokeniser is a tiktoken `Encoding` built offline from the
    file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2) or from nothing
    (bytes, the default for tiny models).
@@ -219,7 +219,7 @@ def common_k(examples, where) -> int:
 
 
 def pair_indices(rewards, mode, rng):
-    """The paper's DPO baselines (METHOD.md) on one prompt's K rewards: (winner, loser) index pairs.
+    """The paper's DPO baselines (Chen et al. 2024, Sec. 5) on one prompt's K rewards: (winner, loser) index pairs.
     "dpo" best vs one random other (Zephyr), "dpo_x3" best vs each other, "dpo_all" all C(K, 2) pairs.
     Pairs with equal rewards carry no preference: dropped before "dpo" draws its one (with the numpy
     Generator `rng`). Returns (pairs, number of tied pairs dropped)."""

@@ -1,14 +1,35 @@
 """Noise Contrastive Alignment: the losses, the reward parameterisation and sequence log-probs.
 
-Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewards" (NeurIPS 2024),
-with DPO (Rafailov et al., 2023) as a special case. Every formula is in METHOD.md; the section
-numbers below are the paper's.
+Chen, He, Yuan, Cui, Su, Zhu, "Noise Contrastive Alignment of Language Models with Explicit Rewards"
+(NeurIPS 2024, arXiv:2402.05369; "Sec." below is this paper's), with DPO (Rafailov et al., "Direct
+Preference Optimization", NeurIPS 2023, arXiv:2305.18290) as a special case.
 
-Everything a loss sees is three [B, K] tensors: for each of B prompts x, K responses y_1..y_K with
+Setting. A prompt x, a frozen reference policy mu(y|x) (the SFT model) and K >= 2 responses y_1..y_K
+drawn from it, each with an explicit scalar reward r_i = r(x, y_i). The target is the policy that
+maximises E[r] - alpha KL(pi || mu) (Rafailov et al. Eq. 4, their beta being alpha here; Sec. 2):
+    pi*(y|x) = mu(y|x) exp(r(x, y) / alpha) / Z(x),    Z(x) = E_mu exp(r / alpha),
+alpha > 0 the reward temperature. Preference data y_w > y_l is the case K = 2 with alpha -> 0: only the
+order of the two rewards matters (Sec. 3).
+
+Reward parameterisation, shared by every loss (Rafailov et al. Eq. 5; Sec. 3):
+    r_theta(x, y) = beta * [log pi_theta(y|x) - log mu(y|x)]
+so a loss sees only K numbers r_theta(x, y_i) and K rewards per prompt, three [B, K] tensors:
     policy_logps = log pi_theta(y_i|x)   (sum over response tokens, see sequence_logps below)
-    ref_logps    = log mu(y_i|x)         (the frozen reference / SFT policy)
-    rewards      = r(x, y_i)             (explicit scalar rewards, e.g. UltraFeedback's 1..10)
-so the losses are independent of the model that produced the log-probs.
+    ref_logps    = log mu(y_i|x)
+    rewards      = r(x, y_i)             (e.g. UltraFeedback's 1..10)
+and is independent of the model that produced them.
+
+Both losses learn to tell which samples come from pi* rather than mu. As the y_i came from mu and
+pi*/mu ∝ exp(r / alpha), pi*'s share of sample i is the soft label w_i = softmax(r / alpha)_i (Sec. 3).
+  - InfoNCA (Sec. 3) asks one K-way question, "which of the K is pi*'s?": a cross-entropy, fixed only
+    up to a constant per prompt, so it learns *relative* rewards, r_theta* = r / alpha + C(x). DPO is
+    its K = 2, alpha -> 0 case (dpo_loss).
+  - NCA (Sec. 4) asks K yes/no questions, "is y_i pi*'s or mu's?": it learns *absolute* rewards,
+    r_theta* = r / alpha - log Z(x), which fixes C(x) and with it the likelihood of each response.
+Why that matters (Sec. 4): DPO and InfoNCA only push margins r_theta(y_w) - r_theta(y_l). A model
+whose parameters are shared across responses and prompts can widen a margin by lowering both, moving
+the mass to responses never sampled, so the chosen response's likelihood falls below mu's. NCA's
+optimum keeps the best sample at r_theta >= 0 (nca_loss), i.e. log pi_theta(y_best) >= log mu(y_best).
 """
 import math
 
@@ -16,7 +37,16 @@ import torch
 import torch.nn.functional as F
 
 
+def check_alpha_beta(alpha, beta):
+    """Raise ValueError unless alpha (reward temperature) is finite and >= 0 and beta is finite and > 0."""
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha (reward temperature) must be a finite number >= 0, got {alpha}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta (r_theta = beta * log pi / mu) must be a finite number > 0, got {beta}")
+
+
 def _check(policy_logps, ref_logps, rewards, alpha, beta):
+    check_alpha_beta(alpha, beta)
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must be [B, K], got shape {tuple(policy_logps.shape)}")
     if ref_logps.shape != policy_logps.shape or rewards.shape != policy_logps.shape:
@@ -25,10 +55,6 @@ def _check(policy_logps, ref_logps, rewards, alpha, beta):
             f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)}, {tuple(rewards.shape)}")
     if policy_logps.shape[1] < 2:
         raise ValueError(f"need K >= 2 responses per prompt to contrast, got K = {policy_logps.shape[1]}")
-    if not (alpha >= 0 and math.isfinite(alpha)):
-        raise ValueError(f"alpha (reward temperature) must be a finite number >= 0, got {alpha}")
-    if not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if not torch.isfinite(rewards).all():
         raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)].tolist()[:4]}")
 
@@ -36,7 +62,7 @@ def _check(policy_logps, ref_logps, rewards, alpha, beta):
 # ----------------------------------------------------------------------------- reward and labels
 
 def reward_theta(policy_logps, ref_logps, beta):
-    """r_theta(x, y) = beta * [log pi_theta(y|x) - log mu(y|x)]  (METHOD.md, shared by every loss)."""
+    """r_theta(x, y) = beta * [log pi_theta(y|x) - log mu(y|x)], the reward every loss learns (Sec. 3)."""
     return beta * (policy_logps - ref_logps)  # [B, K]
 
 
@@ -44,10 +70,12 @@ def soft_labels(rewards, alpha):
     """w_i = softmax(r / alpha)_i, the weight of y_i under pi* ∝ mu exp(r / alpha) among the K samples.
 
     alpha = 0 is the limit alpha -> 0: one-hot on the best response, ties sharing the weight equally
-    (exactly what the softmax tends to), so preference data is the case K = 2, alpha = 0.
+    (exactly what the softmax tends to), so preference data is the case K = 2, alpha = 0. The labels
+    keep a floating rewards' dtype (float64 in, float64 out); integer rewards give float32.
     """
     if alpha == 0:
-        best = (rewards == rewards.max(dim=-1, keepdim=True).values).float()
+        best = rewards == rewards.max(dim=-1, keepdim=True).values
+        best = best.to(torch.promote_types(rewards.dtype, torch.float32))
         return best / best.sum(dim=-1, keepdim=True)  # [B, K]
     # shift by the max first: for tiny alpha, r / alpha alone overflows to inf and the softmax to NaN
     return torch.softmax((rewards - rewards.max(dim=-1, keepdim=True).values) / alpha, dim=-1)  # [B, K]
@@ -56,11 +84,11 @@ def soft_labels(rewards, alpha):
 # ----------------------------------------------------------------------------- the losses
 
 def infonca_loss(policy_logps, ref_logps, rewards, *, alpha, beta):
-    """InfoNCA (Sec. 3): L = - sum_i w_i log softmax(r_theta)_i.
+    """InfoNCA (Sec. 3): L = - sum_i w_i log softmax(r_theta)_i,  w = softmax(r / alpha).  [B]
 
-    Cross-entropy between the reward labels and the model's softmax over the K responses: a K-way
-    classification of which response was drawn from pi*. Optimum r_theta* = r / alpha + C(x): only
-    *relative* rewards are learned.
+    The cross-entropy between the soft labels and the model's softmax over the K responses (InfoNCE
+    with soft labels). It is smallest where softmax(r_theta) = w, i.e. r_theta_i = log w_i + C =
+    r_i / alpha + C(x) for any C(x): softmax ignores a shift, so only *relative* rewards are learned.
     """
     _check(policy_logps, ref_logps, rewards, alpha, beta)
     r_theta = reward_theta(policy_logps, ref_logps, beta)
@@ -69,11 +97,14 @@ def infonca_loss(policy_logps, ref_logps, rewards, *, alpha, beta):
 
 
 def nca_loss(policy_logps, ref_logps, rewards, *, alpha, beta):
-    """NCA (Sec. 4): L = - sum_i [ w_i log sigmoid(r_theta_i) + (1/K) log sigmoid(-r_theta_i) ].
+    """NCA (Sec. 4): L = - sum_i [ w_i log sigmoid(r_theta_i) + (1/K) log sigmoid(-r_theta_i) ].  [B]
 
-    K binary classifications, each response "from pi*" (weight w_i) against "from mu" (weight 1/K).
-    Optimum r_theta* = r / alpha - log E_mu exp(r / alpha): an *absolute* value, so the best
-    response's r_theta ends >= 0 and its likelihood cannot fall below the reference's.
+    K binary classifications (NCE): y_i "from pi*" with weight w_i against "from mu" with weight 1/K.
+    Each term is smallest where its derivative in r is 0, w_i sigmoid(-r) = sigmoid(r) / K, i.e. e^r = K w_i:
+        r_theta_i = log(K w_i) = r_i / alpha - log( (1/K) sum_j exp(r_j / alpha) ),
+    the K-sample estimate of r / alpha - log E_mu exp(r / alpha) = r / alpha - log Z(x): an *absolute*
+    value. The best sample has w_best >= 1/K (the largest of K weights summing to 1), so its r_theta* =
+    log(K w_best) >= 0: its likelihood ends at or above the reference's.
     """
     _check(policy_logps, ref_logps, rewards, alpha, beta)
     K = policy_logps.shape[1]
@@ -82,46 +113,55 @@ def nca_loss(policy_logps, ref_logps, rewards, *, alpha, beta):
     return -(w * F.logsigmoid(r_theta) + F.logsigmoid(-r_theta) / K).sum(dim=-1)  # [B]
 
 
-def dpo_loss(policy_logps, ref_logps, rewards, *, beta, alpha=0.0):
-    """DPO = InfoNCA with K = 2 and alpha -> 0: -log sigmoid(r_theta(y_w) - r_theta(y_l)).
+def dpo_loss(policy_logps, ref_logps, rewards, *, beta):
+    """DPO (Rafailov et al. Eq. 7): L = -log sigmoid(r_theta(y_w) - r_theta(y_l)).  [B]
 
-    alpha is ignored: preference data only orders the pair, which is the alpha -> 0 limit.
+    It is InfoNCA with K = 2 and alpha -> 0 (Sec. 3): the labels become one-hot on the winner y_w, and
+    -log softmax(r_theta)_w = -log e^{r_w} / (e^{r_w} + e^{r_l}) = -log sigmoid(r_w - r_l).
     """
     if policy_logps.dim() == 2 and policy_logps.shape[1] != 2:
         raise ValueError(f"dpo_loss takes pairs (K = 2), got K = {policy_logps.shape[1]}; use infonca_loss")
     return infonca_loss(policy_logps, ref_logps, rewards, alpha=0.0, beta=beta)
 
 
-def nca_pair_loss(policy_logps, ref_logps, rewards, *, beta, alpha=0.0):
-    """Pairwise NCA = NCA with K = 2 and alpha -> 0:
-    -log sigmoid(r_theta(y_w)) - 1/2 sum_{y in {y_w, y_l}} log sigmoid(-r_theta(y)).
+def nca_pair_loss(policy_logps, ref_logps, rewards, *, beta):
+    """Pairwise NCA (Sec. 4), NCA with K = 2 and alpha -> 0 (labels one-hot on y_w):  [B]
+        L = -log sigmoid(r_theta(y_w)) - 1/2 sum_{y in {y_w, y_l}} log sigmoid(-r_theta(y)).
     """
     if policy_logps.dim() == 2 and policy_logps.shape[1] != 2:
         raise ValueError(f"nca_pair_loss takes pairs (K = 2), got K = {policy_logps.shape[1]}; use nca_loss")
     return nca_loss(policy_logps, ref_logps, rewards, alpha=0.0, beta=beta)
 
 
+# name -> loss. The pair losses take preference data (K = 2) and no alpha, being its alpha -> 0 limit:
+# call them with beta only, the others with alpha and beta.
 LOSSES = {"dpo": dpo_loss, "infonca": infonca_loss, "nca": nca_loss, "nca_pair": nca_pair_loss}
+PAIR_LOSSES = ("dpo", "nca_pair")
 
 
 # ----------------------------------------------------------------------------- metrics
 
 @torch.no_grad()
 def metrics(policy_logps, ref_logps, rewards, *, beta):
-    """TRL-named metrics from the same [B, K] tensors, as 0-dim float tensors (reducible across ranks).
+    """TRL-named metrics from the same [B, K] tensors, as 0-dim float32 tensors (reducible across ranks).
 
-    "Chosen" is each prompt's best-rewarded response, "rejected" the mean of the others. The
-    log-ratios log pi - log mu are the likelihood-decrease signal: DPO and InfoNCA tend to push the
-    chosen one below zero, NCA keeps it above (METHOD.md, "Why NCA fixes the likelihood decrease").
+    "Chosen" is each prompt's best-rewarded response and "rejected" the mean of its others; each is
+    averaged over the B prompts. Ties follow the labels at alpha -> 0 (soft_labels): every response
+    sharing the top reward is chosen, with equal weight, so the metrics do not depend on the order of
+    the K responses. A prompt whose K rewards all tie has nothing rejected: its rejected value is its
+    chosen one (margin 0), so a batch of ties logs no NaN. The log-ratios log pi - log mu are the
+    likelihood-decrease signal: DPO and InfoNCA tend to push the chosen one below zero, NCA keeps it
+    above (Sec. 4; this module's docstring).
     """
     _check(policy_logps, ref_logps, rewards, 0.0, beta)
-    K = policy_logps.shape[1]
     r_theta = reward_theta(policy_logps, ref_logps, beta).float()
     logratio = (policy_logps - ref_logps).float()
-    chosen = F.one_hot(rewards.argmax(dim=-1), K).bool()  # [B, K]
+    best = rewards == rewards.max(dim=-1, keepdim=True).values  # [B, K]
+    rest = torch.where(best.all(dim=-1, keepdim=True), best, ~best)  # all tied: rejected = chosen
+    w_chosen, w_rejected = (m.float() / m.sum(dim=-1, keepdim=True) for m in (best, rest))  # [B, K], rows sum to 1
 
     def split(x):  # -> (chosen mean, rejected mean) over the batch
-        return x[chosen].mean(), x[~chosen].mean()
+        return (w_chosen * x).sum(dim=-1).mean(), (w_rejected * x).sum(dim=-1).mean()
 
     # accuracy over every pair the data orders strictly: r_i > r_j should give r_theta_i > r_theta_j
     ordered = rewards.unsqueeze(2) > rewards.unsqueeze(1)  # [B, K, K]
@@ -280,3 +320,10 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
                          f"{h.dtype} and {W.dtype}")
     logp = FusedLogp.apply(h_m, W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
     return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, logp.float())
+
+
+def batch_logps(model, tokens, loss_mask):
+    """log pi(y|x) of each of the B*K rows [B*K]: one forward pass, then the fused LM-head log-prob over
+    the response positions only (position t predicts token t + 1)."""
+    h = model.hidden(tokens[:, :-1])  # [B*K, T-1, d]
+    return sequence_logps(h, model.output.weight, tokens[:, 1:], loss_mask[:, 1:])  # [B*K]

@@ -219,7 +219,7 @@ def resume_key(run):
     key = {f"--{k.replace('_', '-')}": getattr(run, k) for k in (
         "loss", "beta", "lora_rank", "lora_dropout", "lora_targets", "quantize", "grad_clip", "weight_decay",
         "max_length", "max_prompt_length", "seed", "init", "tokenizer", "template", "lr", "warmup", "steps")}
-    if run.loss in ("infonca", "nca"):  # the pairwise losses have no reward temperature
+    if run.loss not in nca.PAIR_LOSSES + ("sft",):  # the pairwise losses have no reward temperature
         key["--alpha"] = run.alpha
     if run.lora_rank:
         key["--lora-alpha"] = run.lora_alpha
@@ -438,10 +438,8 @@ def forward(run, model, tok, ref, examples, ids):
     if run.loss == "sft":  # mean NLL per response token, averaged over sequences
         return -(logps / mask[:, 1:].sum(-1).view(rewards.shape).clamp(min=1)).mean(), stats, tokens.numel()
     ref_logps = reference_logps(run, model, ref, ids, tokens, mask).view(rewards.shape)  # [B, K]
-    if run.loss in ("infonca", "nca"):
-        loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, alpha=run.alpha, beta=run.beta).mean()
-    else:
-        loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, beta=run.beta).mean()
+    temperature = {} if run.loss in nca.PAIR_LOSSES else {"alpha": run.alpha}  # pairs have no reward temperature
+    loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, beta=run.beta, **temperature).mean()
     return loss, {**nca.metrics(logps.detach(), ref_logps, rewards, beta=run.beta), **stats}, tokens.numel()
 
 

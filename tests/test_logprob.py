@@ -171,3 +171,17 @@ def test_bad_inputs_raise_clear_errors(change, message):
         nca.sequence_logps(*change(*batch(B=2, T=5, d=4, V=7)))
     with pytest.raises(ValueError, match="unknown sequence_logps impl"):
         nca.sequence_logps(*batch(B=2, T=5, d=4, V=7), impl="cuda")
+
+
+def test_batch_logps_scores_each_response_token_from_the_position_before_it():
+    # golden: the model's full forward logits, log_softmax, the logit at t scoring token t + 1
+    import model as model_lib
+    torch.manual_seed(0)
+    m = model_lib.Transformer(model_lib.PRESETS["tiny"]).eval()
+    V = m.args.vocab_size
+    tokens = torch.randint(0, V, (3, 11))
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[0, 4:], mask[1, 7:9], mask[2, 10] = True, True, True  # response tokens (never position 0)
+    logp = torch.log_softmax(m(tokens).double(), dim=-1)  # [B, T, V]
+    expected = torch.stack([sum(logp[b, t - 1, tokens[b, t]] for t in range(1, 11) if mask[b, t]) for b in range(3)])
+    torch.testing.assert_close(nca.batch_logps(m, tokens, mask).double(), expected, rtol=1e-5, atol=1e-4)

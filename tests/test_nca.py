@@ -107,9 +107,46 @@ def test_nca_minimiser_is_log_k_w():
     assert (r_theta.gather(1, rewards.argmax(-1, keepdim=True)) > 0).all()  # best response rises above mu
 
 
-def test_loss_table_names_the_four_losses():
+def _by_hand(name, r_theta, rewards, alpha):
+    """One prompt's loss written out with math from the equations; alpha = 0: ties share the label."""
+    sig = lambda t: 1 / (1 + math.exp(-t))
+    K, top = len(rewards), max(rewards)
+    e = [float(v == top) if alpha == 0 else math.exp((v - top) / alpha) for v in rewards]
+    w = [x / sum(e) for x in e]
+    if name == "dpo":  # Rafailov et al. Eq. 7, winner first or second
+        r_w, r_l = r_theta if rewards[0] > rewards[1] else r_theta[::-1]
+        return -math.log(sig(r_w - r_l))
+    if name == "nca_pair":  # TRL's nca_pair
+        r_w = r_theta[0] if rewards[0] > rewards[1] else r_theta[1]
+        return -math.log(sig(r_w)) - 0.5 * sum(math.log(sig(-t)) for t in r_theta)
+    if name == "infonca":
+        lse = math.log(sum(math.exp(t) for t in r_theta))
+        return -sum(wi * (t - lse) for wi, t in zip(w, r_theta))
+    return -sum(wi * math.log(sig(t)) + math.log(sig(-t)) / K for wi, t in zip(w, r_theta))
+
+
+@pytest.mark.parametrize("name", ["dpo", "infonca", "nca", "nca_pair"])
+def test_each_named_loss_computes_its_formula_called_as_train_calls_it(name):
+    # by name, with alpha only where the loss takes one: LOSSES and PAIR_LOSSES must match the formulas
+    K = 2 if name in nca.PAIR_LOSSES else 3
+    r_theta, rewards, alpha, beta = [0.7, -0.4, 1.3][:K], [2.0, 5.0, 1.0][:K], 0.8, 0.5
+    policy = torch.tensor([[t / beta for t in r_theta]], dtype=torch.float64)  # ref = 0: r_theta = beta * policy
+    kwargs = dict(beta=beta) if name in nca.PAIR_LOSSES else dict(alpha=alpha, beta=beta)
+    got = nca.LOSSES[name](policy, torch.zeros_like(policy), torch.tensor([rewards], dtype=torch.float64), **kwargs)
+    assert got.item() == pytest.approx(_by_hand(name, r_theta, rewards, alpha), rel=1e-12)
     assert set(nca.LOSSES) == {"dpo", "infonca", "nca", "nca_pair"}
-    assert nca.LOSSES["dpo"] is nca.dpo_loss and nca.LOSSES["nca"] is nca.nca_loss
+
+
+@pytest.mark.parametrize("name", ["infonca", "nca"])
+def test_alpha_zero_keeps_float64_labels_and_losses(name):
+    # ties at the top: weights 1/3, which float32 labels round (~3e-8 relative)
+    rewards = torch.tensor([[2.0, 2.0, 2.0, 0.5], [1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    policy = torch.tensor([[0.3, -1.1, 0.9, 0.2], [-0.7, 0.4, 1.7, -2.3]], dtype=torch.float64)
+    assert nca.soft_labels(rewards, 0.0).dtype == torch.float64
+    got = nca.LOSSES[name](policy, torch.zeros_like(policy), rewards, alpha=0.0, beta=1.0)
+    for row in range(2):
+        expected = _by_hand(name, policy[row].tolist(), rewards[row].tolist(), 0.0)
+        assert got[row].item() == pytest.approx(expected, rel=1e-14, abs=0)
 
 
 def test_metrics_on_a_hand_worked_batch():
@@ -128,6 +165,23 @@ def test_metrics_on_a_hand_worked_batch():
     assert m["rewards/accuracies"].item() == pytest.approx(1.0)
     m = nca.metrics(policy, ref, -rewards, beta=0.5)  # reversed preferences: every pair wrong
     assert m["rewards/accuracies"].item() == pytest.approx(0.0)
+
+
+def test_metrics_with_tied_rewards_follow_the_alpha_zero_labels():
+    # ties at the top are all chosen, with equal weight; a prompt whose rewards all tie has rejected = chosen
+    logratio = torch.tensor([[1.0, 3.0, -1.0, 0.0], [2.0, -2.0, 0.0, 8.0]])  # ref = 0: policy = log-ratio
+    rewards = torch.tensor([[2.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    m = nca.metrics(logratio, torch.zeros_like(logratio), rewards, beta=0.5)
+    # row 0: chosen (1 + 3) / 2 = 2, rejected (-1 + 0) / 2 = -0.5; row 1: both the mean, 2
+    assert m["logratio/chosen"].item() == pytest.approx((2 + 2) / 2)
+    assert m["logratio/rejected"].item() == pytest.approx((-0.5 + 2) / 2)
+    assert m["rewards/margins"].item() == pytest.approx(0.5 * (2 - 0.75))
+    assert m["rewards/accuracies"].item() == pytest.approx(4 / 5)  # row 0's strict pairs; 2 > 3 is wrong
+    perm = torch.tensor([3, 1, 2, 0])  # the order of the K responses changes nothing
+    m2 = nca.metrics(logratio[:, perm], torch.zeros_like(logratio), rewards[:, perm], beta=0.5)
+    assert all(torch.equal(m[k], m2[k]) for k in m)
+    tied = nca.metrics(logratio[1:], torch.zeros(1, 4), rewards[1:], beta=0.5)  # nothing rejected anywhere
+    assert tied["rewards/margins"].item() == 0 and all(torch.isfinite(v) for v in tied.values())
 
 
 BAD_INPUTS = [
@@ -156,7 +210,16 @@ def test_every_input_check_fires_with_its_message(fn, bad, message):
         if fn == "metrics":
             nca.metrics(args["policy"], args["ref"], args["rewards"], beta=args["beta"])
         else:
-            nca.LOSSES[fn](args["policy"], args["ref"], args["rewards"], alpha=args["alpha"], beta=args["beta"])
+            kwargs = dict(beta=args["beta"]) if fn in nca.PAIR_LOSSES else dict(alpha=args["alpha"], beta=args["beta"])
+            nca.LOSSES[fn](args["policy"], args["ref"], args["rewards"], **kwargs)
+
+
+@pytest.mark.parametrize("alpha, beta, message", [(-0.1, 0.1, "alpha .* >= 0, got -0.1"), (0.1, 0.0, "beta .* > 0, got 0.0"),
+                                                  (float("nan"), 0.1, "alpha"), (0.1, float("inf"), "beta")])
+def test_check_alpha_beta_names_the_bad_value_and_what_was_expected(alpha, beta, message):
+    nca.check_alpha_beta(0.0, 0.01)  # alpha = 0 (the pair losses' limit) is allowed
+    with pytest.raises(ValueError, match=message):
+        nca.check_alpha_beta(alpha, beta)
 
 
 def test_soft_labels_stay_finite_for_a_tiny_temperature():

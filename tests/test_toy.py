@@ -1,5 +1,5 @@
 """toy/bandit.py: the likelihood-decrease reproduction and the paper's optima, on bandits where
-everything is known exactly. Optima are computed here from r and mu directly (METHOD.md formulas)."""
+everything is known exactly. Optima are computed here from r and mu directly (the formulas in nca.py's docstrings)."""
 import io
 from contextlib import redirect_stdout
 from dataclasses import replace

@@ -8,7 +8,7 @@ A context x is a prompt, an action a is a "response": a sequence of L tokens fro
 V (V**L actions, so responses share tokens). Everything is known in closed form:
     mu(a|x)      factorised over positions, like an LM whose tokens ignore each other
     r(x, a)      = psi(x)^T M phi(a), smooth (bilinear) in the action's one-hot token features phi(a)
-    pi*(a|x)     ∝ mu(a|x) exp(r(x, a) / alpha)               (METHOD.md, "Setting")
+    pi*(a|x)     ∝ mu(a|x) exp(r(x, a) / alpha)               (Chen et al. 2024, Sec. 2-3; nca.py)
 The dataset draws K actions per context from mu with their rewards (plus optional noise), and the
 pairs the paper's baselines use. Every loss is the one in nca.py, fed [B, K] log-prob tensors.
 
@@ -63,7 +63,6 @@ PRESETS = {
     "tradeoff": Config(seeds=3),
 }
 POLICIES = ("tabular", "tokens", "shared")
-PAIR_LOSSES = ("dpo", "nca_pair")
 
 
 # ----------------------------------------------------------------------------- the bandit and its data
@@ -131,7 +130,7 @@ def train(bandit, loss, policy, cfg, seed):
     opt = torch.optim.Adam([W], lr=cfg.lr)
     log_mu = bandit["log_mu"]
     ref_logps = log_mu[ctx.unsqueeze(1), idx]  # [B, K]
-    if loss in PAIR_LOSSES:
+    if loss in nca.PAIR_LOSSES:
         rows, cols = make_pairs(rewards, cfg.pairs, np.random.default_rng(seed))
         prow, pidx, prew = ctx[rows].unsqueeze(1), idx[rows.unsqueeze(1), cols], rewards[rows.unsqueeze(1), cols]
     log_target = target(bandit, cfg.alpha)
@@ -145,7 +144,7 @@ def train(bandit, loss, policy, cfg, seed):
         history.append((m["logratio/chosen"].item(), m["logratio/rejected"].item(), kl.item()))
         if step == cfg.steps:
             break
-        if loss in PAIR_LOSSES:  # [P, 2] pairs (chosen, rejected)
+        if loss in nca.PAIR_LOSSES:  # [P, 2] pairs (chosen, rejected)
             L = nca.LOSSES[loss](log_pi[prow, pidx], log_mu[prow, pidx], prew, beta=cfg.beta)
         else:
             L = nca.LOSSES[loss](policy_logps, ref_logps, rewards, alpha=cfg.alpha, beta=cfg.beta)
@@ -199,7 +198,7 @@ def curves(cfg, out):
 
 
 def optimum(cfg, out):
-    """Tabular softmax policy on many samples against the paper's optima (METHOD.md):
+    """Tabular softmax policy on many samples against the paper's optima (Chen et al. 2024, Sec. 3-4; nca.py):
         InfoNCA  r_theta* = r / alpha + C(x)          NCA  r_theta* = r / alpha - log E_mu exp(r / alpha)
     A normalised policy has sum_a mu exp(r_theta / beta) = 1, which fixes InfoNCA's C(x); at beta = 1
     it is -log E_mu exp(r / alpha), so both land on pi*. At other beta the NCA optimum is no policy at
@@ -270,7 +269,7 @@ def tradeoff(cfg, out):
         ax.annotate(f"alpha={alphas[0]}", (res[0, 1], res[0, 0]), fontsize=7)
         ax.annotate(f"alpha={alphas[-1]}", (res[-1, 1], res[-1, 0]), fontsize=7)
     for mode, marker in (("dpo", "s"), ("dpo_x3", "^"), ("dpo_all", "v")):
-        for loss in PAIR_LOSSES:
+        for loss in nca.PAIR_LOSSES:
             er, kl, ch = run(loss, replace(cfg, K=4, pairs=mode)).tolist()
             print(f"{loss + ' ' + mode:17} {er:8.3f} {kl:10.2f} {ch:7.2f}")
             axes[0 if loss == "dpo" else 1].plot(kl, er, marker, color="k", mfc="none", label=f"{loss} {mode} K=4")

@@ -38,7 +38,7 @@ from toy import arith
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (train.py --loss, --pairs): the paper's comparisons on K = 4 reward data (METHOD.md, Baselines)
+# name -> (train.py --loss, --pairs): the paper's comparisons on K = 4 reward data (Chen et al. 2024, Sec. 5)
 METHODS = {
     "dpo": ("dpo", "dpo"),  # best vs one random other (Zephyr-beta recipe)
     "dpo_x3": ("dpo", "dpo_x3"),  # best vs each of the other K - 1
