@@ -83,6 +83,6 @@ def test_mistral_templates_equal_mistral_commons_chat_encoding(template, file):
 def test_llama3_text_equals_metas_tokenizer_even_on_a_million_spaces():
     path = _site("llama_models") / "llama3" / "tokenizer.model"
     from llama_models.llama3.tokenizer import Tokenizer
-    meta, tok = Tokenizer(str(path)), data.load_tokenizer(path)
+    meta, tok = Tokenizer(path), data.load_tokenizer(path)
     for text in ["This is a test.", " " * 1_000_000, "a" * 30_000 + " " * 60_000 + "b", FORGED[0]["content"]]:
         assert tok.encode(text) == meta.encode(text, bos=False, eos=False), text[:20]
