@@ -7,7 +7,8 @@ Read top to bottom:
 2. `Tokenizer` and `load_tokenizer`: every tokeniser is a tiktoken `Encoding` built offline from the
    file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2) or from nothing
    (bytes, the default for tiny models).
-3. `TEMPLATES` and `render`: chat templates that give the prompt text and the end-of-turn marker.
+3. `TEMPLATES`, `render` and `encode_chat`: chat templates equal to the models' official formats; only
+   template markup makes control tokens, message text never does.
 4. `collate`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K] (train.py picks the examples of each
    step in a seeded, resumable order).
 """
@@ -271,21 +272,11 @@ class Tokenizer:
     sp_ids: list[tuple] | None = None
     dummy_prefix: bool = False
 
-    def encode(self, text: str, special=False) -> list[int]:
-        """Text -> model ids. Special-token names in `text` stay plain text unless `special`
-        (used for template markers); each segment between them is encoded on its own, as
-        SentencePiece, mistral-common and HF's legacy Llama tokeniser do."""
-        if special and self.special_ids:
-            # longest first: the regex takes the first name that matches, so none may cut a longer one short
-            names = sorted(self.special_ids, key=len, reverse=True)
-            parts = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
-            # re.split with a group alternates text, marker, text, ...: the odd parts are the markers
-            ids = []
-            for n, part in enumerate(parts):
-                ids += [self.special_ids[part]] if n % 2 else self.encode(part)
-            return ids
+    def encode(self, text: str) -> list[int]:
+        """Text -> model ids. Special-token names in `text` stay plain text, as mistral-common and Meta's
+        tokenizer encode message text: only a chat template's markup makes control tokens (see render)."""
         if self.sp_ids is None:
-            return self.enc.encode(text, disallowed_special=())
+            return [i for piece in _pieces(text) for i in self.enc.encode(piece, disallowed_special=())]
         if not text:
             return []
         text = ("▁" if self.dummy_prefix else "") + text.replace(" ", "▁")
@@ -299,12 +290,37 @@ class Tokenizer:
         return text[1:] if self.dummy_prefix and text.startswith(" ") else text
 
 
+def _pieces(text):
+    """`text` in pieces that tiktoken's regex can take: a run of a few hundred thousand spaces overflows
+    its stack (the pattern's `\\s+(?!\\S)` backtracks), so, as Meta's reference tokenizer does
+    (llama_models/llama3/tokenizer.py, TIKTOKEN_MAX_ENCODE_CHARS and MAX_NO_WHITESPACES_CHARS), cut the
+    text into 400,000-character chunks and each run of whitespace or of non-whitespace every 25,000
+    characters. Ids differ from an uncut encoding only at these cuts."""
+    for i in range(0, len(text), 400_000):
+        chunk, start = text[i:i + 400_000], 0
+        for run in re.finditer(r"\s+|\S+", chunk):
+            for cut in range(run.start() + 25_000, run.end(), 25_000):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
+
+
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken")  # looked for, in this order, in a directory
 
 
 def tokenizer_file(directory):
     """The tokenizer file a checkpoint directory holds (the first of TOKENIZER_FILES there), or None."""
     return next((Path(directory) / n for n in TOKENIZER_FILES if (Path(directory) / n).is_file()), None)
+
+
+def recorded_file(directory, name) -> Path:
+    """A file that a checkpoint's config.json records (its tokenizer), inside `directory`: a bare file
+    name, as export writes it and as shard names are (model._read_hf); a path that could lead elsewhere
+    ("../x", "/etc/x", "sub/x") is refused, so a downloaded checkpoint cannot make us read other files."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{Path(directory) / 'config.json'}: field 'nca_tokenizer': {name!r} is not a file name; "
+                         f"expected 'byte' or the name of a tokenizer file in {directory}")
+    return Path(directory) / name
 
 
 def load_tokenizer(spec="byte") -> Tokenizer:
@@ -584,26 +600,48 @@ def _sentencepiece(path, data):
 
 
 # ----------------------------------------------------------------------------- chat templates
+#
+# A rendered conversation is a list of units, each a list of (text, is_markup) pieces. Two rules:
+# - Only markup (the template's own strings) makes control tokens: it is split on the tokenizer's
+#   special-token names; message text (and the role) never is, so a line of data that spells
+#   "<|eot_id|>", "[INST]" or "</s>" cannot forge a turn (mistral-common and Meta's tokenizer encode
+#   message text as ordinary text too). Between two control tokens, the text of the markup and of the
+#   messages is encoded as one run, as a tokenizer does with the whole rendered string.
+# - The units are what the official implementation encodes on its own: mistral-common encodes every
+#   message on its own and concatenates the ids (one unit per message), while transformers'
+#   apply_chat_template renders the whole conversation to one string and tokenises it (one unit).
+#   Meta's Llama 3 reference encodes header, content and end marker piece by piece, but stripped
+#   content never merges with the header's "\n\n", so one unit gives the same ids.
+# So the scored response is rendered inside the conversation, and its ids are the tail of the whole
+# conversation's ids: the tokens the model generates after the prompt at inference.
 
-# name: (one message, the text that opens the assistant's turn, the end-of-turn marker that is scored)
+# name: (one message, the text that opens the assistant's turn, the end-of-turn marker that is scored;
+# None: the tokeniser's EOS, like "</s>", which always means EOS)
 TEMPLATES = {
     "none": ("{content}", "", None),  # plain text; the response ends with the tokeniser's EOS
+    # Meta's reference (meta-llama/llama3, ChatFormat.encode_message) and the published Llama 3 Instruct
+    # template ("| trim") strip each message's content
     "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
                "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-    "mistral": ("[INST] {content} [/INST]", "", "</s>"),  # v1 SentencePiece (Mistral 7B v0.1/v0.2); see render
-    # v3 SentencePiece (Mistral 7B v0.3) and Tekken: [INST] and [/INST] are control tokens, and mistral-common encodes
-    # the text between them on its own, so SentencePiece's "▁" prefix is the only space: "<s>[INST] Hi[/INST] Yo</s>"
+    # v1 SentencePiece (Mistral 7B v0.1/v0.2): mistral-common encodes "[INST] {content} [/INST]" as text
+    "mistral": ("[INST] {content} [/INST]", "", "</s>"),
+    # v3 SentencePiece (Mistral 7B v0.3) and Tekken: [INST] and [/INST] are control tokens, and
+    # mistral-common encodes the text between them on its own: "<s>[INST] Hi[/INST] Yo</s>"
     "mistral_v3": ("[INST]{content}[/INST]", "", "</s>"),
+    # HuggingFaceH4/zephyr-7b-beta's chat_template: eos_token after every message, "\n" after that
     "zephyr": ("<|{role}|>\n{content}</s>\n", "<|assistant|>\n", "</s>"),
     "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
 }
+PER_MESSAGE = ("none", "mistral", "mistral_v3")  # each message is a unit (see above); the others: one unit
 
 
 def end_of_turn(tok, template) -> list[int]:
     """The ids that close a response under `template`: scored in training, the stop tokens when sampling.
     "</s>" is the tokeniser's EOS, whatever it is called; any other marker must be one special token,
     or the model would be trained to end its turns by spelling the marker out (10 bytes for <|eot_id|>)."""
-    eot = render(template, "")[1]
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
+    eot = TEMPLATES[template][2]
     # v3 and Tekken tokenizers made [INST] a control token: each Mistral template fits one kind only
     if template in ("mistral", "mistral_v3") and ("[INST]" in tok.special_ids) != (template == "mistral_v3"):
         raise ValueError(f"template {template!r} does not fit tokenizer {tok.enc.name!r}, where [INST] is "
@@ -619,18 +657,24 @@ def end_of_turn(tok, template) -> list[int]:
     return [tok.special_ids[eot]]
 
 
-def render(template, prompt) -> tuple[str, str | None]:
-    """(prompt text up to where the response starts, end-of-turn marker or None for the tokeniser's EOS).
-    BOS is not in the text: collate adds the tokeniser's BOS."""
+def _fill(fmt, **fields):
+    """A template string with its {fields} filled in, as (text, is_markup) pieces: only its own text is markup."""
+    return [(fields[part], False) if n % 2 else (part, True) for n, part in enumerate(re.split(r"\{(\w+)\}", fmt))]
+
+
+def render(template, prompt, response=None) -> list[list[tuple[str, bool]]]:
+    """The conversation `prompt` (a string: one user message) as units of (text, is_markup) pieces (see
+    above), up to the opening of the assistant's turn, or, given `response`, up to and including the
+    end-of-turn marker after it. BOS is not included: collate adds the tokeniser's BOS."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; expected one of {sorted(TEMPLATES)}")
     turn, opening, eot = TEMPLATES[template]
+    eot = eot or "</s>"
     if isinstance(prompt, str):
-        if template == "none":
-            return prompt, eot
         prompt = [{"role": "user", "content": prompt}]
     if template == "none":
-        return "\n\n".join(m["content"] for m in prompt), eot
+        units = [[("\n\n".join(m["content"] for m in prompt), False)]]
+        return units if response is None else units + [[(response, False), (eot, True)]]
     if template in ("mistral", "mistral_v3"):
         # [INST] has no system turn: mistral-common joins the system messages and prepends them to the
         # first user turn (v1) or the last (v3)
@@ -640,18 +684,50 @@ def render(template, prompt) -> tuple[str, str | None]:
         if system and users:
             i = users[0 if template == "mistral" else -1]
             prompt = prompt[:i] + [{**prompt[i], "content": system + "\n\n" + prompt[i]["content"]}] + prompt[i + 1:]
-    text = ""
-    for m in prompt:
-        if template == "mistral" and m["role"] == "assistant":
-            # mistral-common's v1 encodes each assistant turn on its own, so SentencePiece puts a "▁" before
-            # it, exactly as collate's separate encoding of the response does; the space gives that "▁"
-            # inside one text, and the split pattern cuts before it, so no token crosses into the turn
-            text += " " + m["content"] + eot
-        elif template == "mistral_v3" and m["role"] == "assistant":  # v3 strips trailing spaces off earlier turns
-            text += m["content"].rstrip(" ") + eot
+    messages = prompt + ([] if response is None else [{"role": "assistant", "content": response}])
+    units = []
+    for m in messages:
+        content = m["content"]
+        if template == "llama3":
+            content = content.strip()
+        elif template == "mistral_v3" and m["role"] == "assistant":
+            content = content.rstrip(" ")  # mistral-common (v2+) strips trailing spaces off every answer
+        if template in ("mistral", "mistral_v3") and m["role"] == "assistant":
+            units.append([(content, False), (eot, True)])  # each answer is encoded on its own, then EOS
+        elif m is messages[-1] and response is not None:
+            units.append(_fill(opening) + [(content, False), (eot, True)])  # the turn ends at its marker
         else:
-            text += turn.format(role=m["role"], content=m["content"])
-    return text + opening, eot
+            units.append(_fill(turn, role=m["role"], content=content))
+    if response is None:
+        units.append(_fill(opening))
+    return units
+
+
+def encode_chat(tok, template, units) -> list[int]:
+    """Ids of rendered `units` (see render): markup split on the tokeniser's special-token names ("</s>" is
+    its EOS), every run of text between them encoded as ordinary text; units joined into one unless
+    the template is one of PER_MESSAGE."""
+    markers = dict(tok.special_ids)
+    if tok.eos_id is not None:
+        markers["</s>"] = tok.eos_id
+    # longest first: the regex takes the first name that matches, so none may cut a longer one short
+    split = re.compile("(" + "|".join(map(re.escape, sorted(markers, key=len, reverse=True))) + ")")
+    if template not in PER_MESSAGE:
+        units = [[piece for unit in units for piece in unit]]
+    ids = []
+    for unit in units:
+        run = ""
+        for text, markup in unit:
+            # re.split with a group alternates text, marker, text, ...: the odd parts are the markers
+            parts = split.split(text) if markup and markers else [text]
+            for n, part in enumerate(parts):
+                if n % 2:
+                    ids += tok.encode(run) + [markers[part]]
+                    run = ""
+                else:
+                    run += part
+        ids += tok.encode(run)
+    return ids
 
 
 # ----------------------------------------------------------------------------- batching
@@ -662,9 +738,10 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
     turn), rewards [B, K], and how many prompts / responses were truncated.
 
-    Prompt and response are tokenised separately and concatenated: tokenising the joined text would
-    let BPE merge across the boundary and blur which tokens belong to the response. A long prompt
-    keeps its BOS and its end (the question sits next to the answer); a long response keeps its start."""
+    The response is rendered inside the conversation, as the official implementation encodes it (see
+    "chat templates"), and its ids are what follows the prompt's; they end with the end of turn,
+    `end_of_turn`. A long prompt keeps its BOS and its end (the question sits next to the answer); a
+    long response keeps its start."""
     common_k(examples, "collate")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
@@ -672,7 +749,8 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     end = end_of_turn(tok, template)
     rows, n_prompt, n_response = [], 0, 0
     for ex in examples:
-        p = tok.encode(render(template, ex.prompt)[0], special=template != "none")
+        whole_p = encode_chat(tok, template, render(template, ex.prompt))
+        p = whole_p
         if len(bos) + len(p) > max_prompt_length:
             n_prompt += 1
             p = p[len(p) - (max_prompt_length - len(bos)):]
@@ -680,7 +758,13 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
         if not p:
             raise ValueError("collate: empty prompt and no BOS token: the first response token could not be scored")
         for y in ex.responses:
-            r = tok.encode(y) + end
+            units = render(template, ex.prompt, y)
+            whole = encode_chat(tok, template, units)
+            # the response's ids are the tail of the whole conversation's: what the model generates after
+            # the prompt. Only if a merge crosses the boundary (a tiktoken "\n" + "\n" after ChatML's
+            # "assistant\n") can no split give both, and the response is encoded on its own after the prompt
+            r = whole[len(whole_p):] if whole[:len(whole_p)] == whole_p else \
+                encode_chat(tok, template, [units[-1][-2:]])  # [(response, False), (end-of-turn marker, True)]
             if len(p) + len(r) > max_length:
                 n_response += 1
                 r = r[:max_length - len(p)]

@@ -276,7 +276,7 @@ def test_llama3_reader_on_a_small_file_in_its_format(tmp_path):
     assert tok.encode("This is a test.") == [258, 259, 32, 97, 260, 261, 116, 46]
     assert (tok.bos_id, tok.eos_id, tok.special_ids["<|eot_id|>"], tok.vocab_size) == (262, 263, 271, 262 + 256)
     assert tok.encode("<|eot_id|>") == list(b"<|eot_id|>")  # special names in data stay text...
-    assert tok.encode("<|eot_id|>", special=True) == [271]  # ...and are markers only in templates
+    assert data.encode_chat(tok, "llama3", [[("<|eot_id|>", True)]]) == [271]  # ...markers only in markup
     assert tok.decode([258, 259, 271]) == "This is<|eot_id|>"
 
 
@@ -337,12 +337,14 @@ def test_tekken_reader_on_a_small_file_in_its_format(tmp_path):
     # ids = 24 specials + rank; "zz" lies beyond default_vocab_size, so " zz" stays three bytes
     assert tok.encode("abc zz") == [24 + 257, 24 + 32, 24 + 122, 24 + 122]
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 11, 282)
-    assert tok.encode("[INST]x", special=True) == [3, 24 + 120]
+    # markup [INST] is the control token; the same name in message text stays bytes
+    assert data.encode_chat(tok, "mistral_v3", [[("[INST]", True), ("x[INST]", False)]]) == \
+        [3] + [24 + b for b in b"x[INST]"]
     assert tok.special_ids["<SPECIAL_23>"] == 23  # fillers up to default_num_special_tokens
     # mistral_v3 (Mistral Nemo's format): [INST] ab [/INST] abc </s> [INST] z z [/INST], no spaces added
     chat = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "abc"},
             {"role": "user", "content": "zz"}]
-    assert tok.encode(data.render("mistral_v3", chat)[0], special=True) == \
+    assert data.encode_chat(tok, "mistral_v3", data.render("mistral_v3", chat)) == \
         [3, 24 + 256, 4, 24 + 257, 2, 3, 24 + 122, 24 + 122, 4]
     _write_tekken(tmp_path / "tekken.json", ["<unk>", "<s>", "</s>", "<pad>"])
     assert data.load_tokenizer(tmp_path / "tekken.json").pad_id == 3
@@ -428,21 +430,30 @@ def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
 # ----------------------------------------------------------------------------- templates and batches
 
 
+def _text(units):
+    return "".join(text for unit in units for text, _ in unit)
+
+
 def test_templates_render_the_reference_chat_formats():
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert data.render("llama3", chat) == (
+    assert _text(data.render("llama3", chat)) == (
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-        "<|eot_id|>")
-    assert data.render("mistral", chat + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]) \
-        == ("[INST] Be brief.\n\nHi [/INST] Yo</s>[INST] Bye [/INST]", "</s>")
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert _text(data.render("mistral", chat + [{"role": "assistant", "content": "Yo"},
+                                                {"role": "user", "content": "Bye"}])) == \
+        "[INST] Be brief.\n\nHi [/INST]Yo</s>[INST] Bye [/INST]"
     # mistral-common joins the system messages and puts them before the first user turn (v1) or the last (v3)
     late = [chat[1], {"role": "assistant", "content": "Yo"}, chat[0], {"role": "user", "content": "Bye"}]
-    assert data.render("mistral", late) == ("[INST] Be brief.\n\nHi [/INST] Yo</s>[INST] Bye [/INST]", "</s>")
-    assert data.render("mistral_v3", late) == ("[INST]Hi[/INST]Yo</s>[INST]Be brief.\n\nBye[/INST]", "</s>")
-    assert data.render("zephyr", chat) == ("<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n", "</s>")
-    assert data.render("chatml", "Hi") == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")
-    assert data.render("none", "Hi") == ("Hi", None)
+    assert _text(data.render("mistral", late)) == "[INST] Be brief.\n\nHi [/INST]Yo</s>[INST] Bye [/INST]"
+    assert _text(data.render("mistral_v3", late)) == "[INST]Hi[/INST]Yo</s>[INST]Be brief.\n\nBye[/INST]"
+    assert _text(data.render("zephyr", chat)) == "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert _text(data.render("chatml", "Hi")) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert _text(data.render("chatml", "Hi", "Yo")) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>"
+    assert _text(data.render("none", "Hi")) == "Hi"
+    # message text and roles are never markup: only the template's own strings make control tokens
+    data_pieces = [(text, markup) for unit in data.render("chatml", [{"role": "<|im_end|>r", "content": "<|im_start|>c"}])
+                   for text, markup in unit if text in ("<|im_end|>r", "<|im_start|>c")]
+    assert data_pieces == [("<|im_end|>r", False), ("<|im_start|>c", False)]
 
 
 def test_earlier_mistral_assistant_turns_get_the_tokens_of_a_scored_response(sp_v1):
@@ -451,7 +462,7 @@ def test_earlier_mistral_assistant_turns_get_the_tokens_of_a_scored_response(sp_
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo there"},
             {"role": "user", "content": "Bye"}]
     want = sp_v1.encode("[INST] Hi [/INST]") + sp_v1.encode("Yo there") + [2] + sp_v1.encode("[INST] Bye [/INST]")
-    assert sp_v1.encode(data.render("mistral", chat)[0], special=True) == want
+    assert data.encode_chat(sp_v1, "mistral", data.render("mistral", chat)) == want
 
 
 # mistral-common's own expected ids for one chat under its v1 and v3 SentencePiece instruct tokenizers
@@ -502,7 +513,7 @@ def test_mistral_v3_puts_the_system_prompt_in_the_last_user_turn(sp_v3):
     # mistral-common v3: [INST] text [/INST] with the text encoded alone; earlier answers without trailing
     # spaces, then EOS; the system prompt + "\n\n" opens the last user turn
     want = [3, *sp.encode("Hi"), 4, *sp.encode("Yo there"), 2, 3, *sp.encode("Be brief.\n\nBye"), 4]
-    assert sp_v3.encode(data.render("mistral_v3", chat)[0], special=True) == want
+    assert data.encode_chat(sp_v3, "mistral_v3", data.render("mistral_v3", chat)) == want
 
 
 def test_a_mistral_template_that_does_not_fit_the_tokenizer_is_refused(sp_v1, sp_v3):
@@ -533,16 +544,18 @@ def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(template_
                 data.Example([{"role": "user", "content": "Say hi"}], [" hi  there", "Hello!\n"], [0.5, 2.0])]
     batch = data.collate(examples, tok, template=template, max_length=512, max_prompt_length=256)
     assert batch["tokens"].shape[0] == 4 and batch["rewards"].tolist() == [[1.0, 0.0], [0.5, 2.0]]
-    eot = data.render(template, "")[1]
+    eot = data.TEMPLATES[template][2]
     end = [tok.eos_id] if eot in (None, "</s>") else [tok.special_ids[eot]]  # one token: the marker or EOS
     assert data.end_of_turn(tok, template) == end
     for b, ex in enumerate(examples):
-        prompt = [tok.bos_id] + tok.encode(data.render(template, ex.prompt)[0], special=template != "none")
+        prompt = [tok.bos_id] + data.encode_chat(tok, template, data.render(template, ex.prompt))
         for k, y in enumerate(ex.responses):
             row, mask = batch["tokens"][b * 2 + k], batch["loss_mask"][b * 2 + k]
-            assert row[mask].tolist() == tok.encode(y) + end
-            assert row[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()
-            n = len(prompt) + len(tok.encode(y) + end)
+            # prompt + scored tokens = the whole conversation, up to the response's end of turn
+            whole = [tok.bos_id] + data.encode_chat(tok, template, data.render(template, ex.prompt, y))
+            assert row[:len(whole)].tolist() == whole and whole[-1:] == end
+            assert row[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any() and mask[len(prompt)]
+            n = len(whole)
             assert (row[n:] == tok.pad_id).all() and not mask[n:].any()
     assert batch["tokens"].shape[1] == max(int(m.nonzero().max()) + 1 for m in batch["loss_mask"])  # no extra padding
 
