@@ -302,7 +302,7 @@ def tokenizer_spec(args, init_dir):
     cfg = model_lib.read_json(init_dir / "config.json") if init_dir and (init_dir / "config.json").is_file() else {}
     spec = args.tokenizer
     if spec is None and "nca_tokenizer" in cfg:
-        spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(init_dir / cfg["nca_tokenizer"])
+        spec = cfg["nca_tokenizer"] if cfg["nca_tokenizer"] == "byte" else str(data.recorded_file(init_dir, cfg["nca_tokenizer"]))
     if spec is None:
         spec = str(init_dir) if init_dir and data.tokenizer_file(init_dir) else "byte"
     return spec, args.template or cfg.get("nca_template", "none")
