@@ -553,7 +553,7 @@ def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "gpt2.tiktoken").write_bytes((FIX / "gpt2.tiktoken").read_bytes())
     assert data.load_tokenizer(tmp_path / "gpt2").bos_id == 50256
-    with pytest.raises(ValueError, match="no tekken.json, tokenizer.model or gpt2.tiktoken"):
+    with pytest.raises(ValueError, match="no tekken.json, tokenizer.model, gpt2.tiktoken, tokenizer.json"):
         data.load_tokenizer(tmp_path)
     (tmp_path / "junk.model").write_text("not a tokenizer\n")
     with pytest.raises(ValueError, match=r"junk.model:1: expected 'base64-token rank'"):
@@ -721,3 +721,63 @@ def test_prompt_ids_are_the_tokens_before_the_scored_response():
     ids = data.prompt_ids(["12+3=", "a much longer prompt than fits"], tok, max_length=16, max_prompt_length=8)
     assert ids[0] == [tok.bos_id] + list(b"12+3=")
     assert ids[1] == [tok.bos_id] + list(b"an fits")  # BOS kept, the end of the prompt kept: 8 tokens
+
+
+# The chat_template of Qwen/Qwen2.5-7B-Instruct's tokenizer_config.json on the Hugging Face hub, as published
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+
+
+@pytest.mark.parametrize("chat", [
+    [{"role": "user", "content": "What is 2+2?"}],  # no system message: Qwen's default one is added
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a colour.\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Later rules."},  # a later system: a turn
+     {"role": "user", "content": " café\n\n 東京 "}],
+])
+def test_qwen_template_gives_transformers_apply_chat_template_text_and_ids(tmp_path, chat):
+    transformers = pytest.importorskip("transformers")
+    ref = _train_bpe(tmp_path / "tokenizer.json", "split")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ref, chat_template=QWEN25_CHAT_TEMPLATE)
+    tok = data.load_tokenizer(tmp_path)
+    text, eot = data.render("qwen", chat)
+    assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) and eot == "<|im_end|>"
+    want = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert data.prompt_ids([chat], tok, template="qwen", max_length=512, max_prompt_length=400) == [want]
+    # training on an answer: the scored tokens are the ones the model sees in the whole conversation
+    answer = "Four, of course.\nIt is 4."
+    full = hf.apply_chat_template(chat + [{"role": "assistant", "content": answer}], tokenize=True,
+                                  return_dict=False)
+    batch = data.collate([data.Example(chat, [answer], [0.0])], tok, template="qwen", max_length=512,
+                         max_prompt_length=400)
+    assert batch["tokens"][0].tolist() == full[:-1]  # the template's last "\n" after <|im_end|> is not scored
+    assert batch["tokens"][0][batch["loss_mask"][0]].tolist() == full[len(want):-1]
