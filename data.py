@@ -439,7 +439,10 @@ def _tekken(path, model):
 # each piece's UTF-8 bytes as printable characters (GPT-2's bytes_to_unicode) and applies the merges in list
 # order. tiktoken merges the adjacent pair whose concatenation has the lowest rank: the same algorithm when
 # rank = vocabulary id, provided the merges make their tokens in id order and every token of two or more
-# bytes is made by some merge (both checked). Added tokens are markers, matched only by encode(special=True).
+# bytes is made by some merge (both checked). Not checked: a token that also splits into a pair of tokens the
+# merges do not list, which tiktoken would merge if BPE brought the pair together (Llama 3's HF form lists
+# every split; on BPEs trained by `tokenizers` the tests find the same ids). Added tokens are markers,
+# matched only by encode(special=True).
 # GPT-2's pattern as tokenizers' ByteLevel pre-tokenizer compiles it (pre_tokenizers/byte_level.rs)
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -510,10 +513,18 @@ def _hf_tokenizer(path, tok):
         last = i
     if unmade := [t for t, i in vocab.items() if t not in specials and len(t) > 1 and i not in made]:
         need(False, "model.merges", f"a merge for every token of two or more bytes; none makes {unmade[0]!r}")
-    config = Path(path).with_name("tokenizer_config.json")  # which tokens are EOS and padding, when present
-    config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    config_file = Path(path).with_name("tokenizer_config.json")  # which tokens are EOS and padding, when present
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+        raise ValueError(f"{config_file}: not a JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     eos, pad = ((t.get("content") if isinstance(t, dict) else t) for t in (config.get("eos_token"),
                                                                           config.get("pad_token")))
+    for key, name in (("eos_token", eos), ("pad_token", pad)):
+        if name is not None and name not in specials:
+            raise ValueError(f"{config_file}: field {key!r}: {name!r} is not an added token of {path}")
     # BOS is what a TemplateProcessing post-processor puts first (Llama 3: <|begin_of_text|>; Qwen2.5: nothing)
     post = tok.get("post_processor") or {}
     template = next((p for p in [post, *post.get("processors", [])] if p.get("type") == "TemplateProcessing"), {})

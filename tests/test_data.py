@@ -476,6 +476,9 @@ def test_hf_tokenizer_json_reads_bos_from_its_post_processor_and_eos_pad_from_it
     ref.save(str(tmp_path / "tokenizer.json"))
     assert data.load_tokenizer(tmp_path).bos_id == ref.token_to_id("<|im_start|>") == \
         ref.encode("x").ids[0]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: field 'eos_token': '</s>' is not an added token"):
+        data.load_tokenizer(tmp_path)
 
 
 def _llama3_model_file():
