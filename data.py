@@ -5,8 +5,8 @@ Read top to bottom:
    K rewards), validated with errors that name file, line and field. `to_pairs` turns reward data
    into the paper's DPO baselines (Chen et al. 2024, Sec. 5).
 2. `Tokenizer` and `load_tokenizer`: every tokeniser is a tiktoken `Encoding` built offline from the
-   file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2) or from nothing
-   (bytes, the default for tiny models).
+   file that ships with a checkpoint (Llama 3, Tekken, Mistral SentencePiece, GPT-2, a Hugging Face
+   byte-level BPE tokenizer.json such as Qwen2.5's) or from nothing (bytes, the default for tiny models).
 3. `TEMPLATES`, `render` and `encode_chat`: chat templates equal to the models' official formats; only
    template markup makes control tokens, message text never does.
 4. `collate`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K] (train.py picks the examples of each
@@ -17,6 +17,7 @@ import json
 import math
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,15 +268,17 @@ class Tokenizer:
     pad_id: int  # padding sits after the causal sequence and is masked out, so any valid id will do
     vocab_size: int  # model ids are 0 .. vocab_size - 1
     decoder: list[bytes]  # model id -> bytes (special tokens -> their name)
-    special_ids: dict[str, int] = field(default_factory=dict)  # markers matched by encode(..., special=True)
+    special_ids: dict[str, int] = field(default_factory=dict)  # control tokens, made only by markup (encode_chat)
     # SentencePiece only: tiktoken rank -> model ids, and the "▁" prefix SentencePiece adds to every text
     sp_ids: list[tuple] | None = None
     dummy_prefix: bool = False
+    nfc: bool = False  # Unicode NFC before splitting (a tokenizer.json's NFC normalizer: Qwen2)
 
     def encode(self, text: str) -> list[int]:
         """Text -> model ids. Special-token names in `text` stay plain text, as mistral-common and Meta's
         tokenizer encode message text: only a chat template's markup makes control tokens (see render)."""
         if self.sp_ids is None:
+            text = unicodedata.normalize("NFC", text) if self.nfc else text
             return [i for piece in _pieces(text) for i in self.enc.encode(piece, disallowed_special=())]
         if not text:
             return []
@@ -305,7 +308,8 @@ def _pieces(text):
         yield chunk[start:]
 
 
-TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken")  # looked for, in this order, in a directory
+# looked for, in this order, in a directory: a Mistral HF directory has its tokenizer.model beside a tokenizer.json
+TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "gpt2.tiktoken", "tokenizer.json")
 
 
 def tokenizer_file(directory):
@@ -326,19 +330,24 @@ def recorded_file(directory, name) -> Path:
 def load_tokenizer(spec="byte") -> Tokenizer:
     """"byte", or a tokenizer file / the checkpoint directory holding it: tekken.json,
     tokenizer.model (Llama 3's tiktoken text or Mistral's SentencePiece protobuf, told apart by
-    content) or gpt2.tiktoken."""
+    content), gpt2.tiktoken or a Hugging Face tokenizer.json (byte-level BPE; told from tekken.json
+    by content)."""
     if spec == "byte":
         return _byte_tokenizer()
     path = Path(spec)
     if path.is_dir():
         path = tokenizer_file(path)
         if path is None:
-            raise ValueError(f"tokenizer {spec}: directory has no tekken.json, tokenizer.model or gpt2.tiktoken")
+            raise ValueError(f"tokenizer {spec}: directory has no {', '.join(TOKENIZER_FILES)}")
     if not path.is_file():
         raise ValueError(f"tokenizer {spec!r}: no such file; expected 'byte', a tokenizer file or a checkpoint "
                          f"directory")
     if path.suffix == ".json":
-        return _tekken(path)
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+        return _hf_tokenizer(path, obj) if isinstance(obj, dict) and "model" in obj else _tekken(path, obj)
     data = path.read_bytes()
     if data[:1] == b"\n":  # protobuf field 1 (ModelProto.pieces), length-delimited: a SentencePiece model
         return _sentencepiece(path, data)
@@ -431,14 +440,10 @@ TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOL
                    "[TOOL_CONTENT]"]
 
 
-def _tekken(path):
+def _tekken(path, model):
     """Mistral's tekken.json: {config: {pattern, default_vocab_size, default_num_special_tokens},
     vocab: [{rank, token_bytes (base64)}], special_tokens: [{rank, token_str}] (optional)}.
     Model id = n_special + BPE rank, the BPE vocabulary cut to default_vocab_size - n_special."""
-    try:
-        model = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
 
     def need(ok, key, expected):
         if not ok:
@@ -479,6 +484,110 @@ def _tekken(path):
         return _tokenizer("tekken", config["pattern"], ranks, specials, "<s>", "</s>", "<pad>", enc_specials={})
     except ValueError as e:  # tiktoken compiles the pattern only now
         raise ValueError(f"{path}: field 'config.pattern': not a valid regular expression ({e})") from None
+
+
+# ----- a Hugging Face tokenizer.json holding a byte-level BPE (Qwen2 / Qwen2.5, Llama 3's HF form, GPT-2 style)
+#
+# `tokenizers` splits the text by a regex (a Split pre-tokenizer, or ByteLevel's own GPT-2 pattern), spells
+# each piece's UTF-8 bytes as printable characters (GPT-2's bytes_to_unicode) and applies the merges in list
+# order. tiktoken merges the adjacent pair whose concatenation has the lowest rank: the same algorithm when
+# rank = vocabulary id, provided the merges make their tokens in id order and every token of two or more
+# bytes is made by some merge (both checked). Not checked: a token that also splits into a pair of tokens the
+# merges do not list, which tiktoken would merge if BPE brought the pair together (Llama 3's HF form lists
+# every split; on BPEs trained by `tokenizers` the tests find the same ids). Added tokens are control
+# tokens, made only by template markup (encode_chat).
+# GPT-2's pattern as tokenizers' ByteLevel pre-tokenizer compiles it (pre_tokenizers/byte_level.rs)
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _bytes_to_unicode():
+    """GPT-2's byte -> printable character table (openai/gpt-2, encoder.py): printable Latin-1 bytes stand
+    for themselves, the others for chr(256 + n) in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+def _hf_tokenizer(path, tok):
+    def need(ok, key, expected):
+        if not ok:
+            raise ValueError(f"{path} (read as a Hugging Face tokenizer.json): field {key!r}: expected {expected}")
+
+    model, norm, pre = tok["model"], tok.get("normalizer"), tok.get("pre_tokenizer")
+    need(isinstance(model, dict) and model.get("type") == "BPE" and not model.get("dropout")
+         and not model.get("byte_fallback") and not model.get("continuing_subword_prefix")
+         and not model.get("end_of_word_suffix"), "model",
+         "a byte-level BPE (type BPE; no dropout, byte_fallback, continuing_subword_prefix or end_of_word_suffix)")
+    need(norm is None or norm == {"type": "NFC"}, "normalizer", "null or NFC (others cannot be expressed exactly)")
+    # ByteLevel's own GPT-2 split, or a Split by regex (isolating each match) then ByteLevel without its regex
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    byte_level = steps[-1] if isinstance(steps, list) and steps and isinstance(steps[-1], dict) else {}
+    split = steps[0] if len(steps) == 2 and isinstance(steps[0], dict) else {}
+    pattern = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
+    need(byte_level.get("type") == "ByteLevel" and not byte_level.get("add_prefix_space")
+         and (len(steps) == 1 and byte_level.get("use_regex", True)
+              or split.get("type") == "Split" and isinstance(pattern, str) and split.get("behavior") == "Isolated"
+              and not split.get("invert") and not byte_level.get("use_regex", True)), "pre_tokenizer",
+         "ByteLevel (use_regex, no add_prefix_space), or Sequence [Split (Regex, Isolated), ByteLevel (no regex)]")
+    if pattern is None:
+        pattern = BYTE_LEVEL_PATTERN
+    else:  # tiktoken drops text no alternative matches, where Split keeps it as a piece: match that run too
+        pattern = f"{pattern}|(?:(?!{pattern})[\\s\\S])+"
+    added = tok.get("added_tokens") or []
+    need(isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("id"), int) and t.get("content")
+                                         and isinstance(t["content"], str) and not t.get("lstrip")
+                                         and not t.get("rstrip") and not t.get("single_word") for t in added),
+         "added_tokens", "a list of {id: int, content: non-empty string}, none with lstrip, rstrip or single_word")
+    specials = {t["content"]: t["id"] for t in added}
+    need(len(specials) == len(added) == len(set(specials.values())), "added_tokens", "each content and id once")
+
+    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    need(isinstance(vocab, dict) and all(isinstance(i, int) and i >= 0 for i in vocab.values())
+         and len(set(vocab.values())) == len(vocab), "model.vocab", "an object of token -> id, each id once")
+    ranks = {}
+    for t, i in vocab.items():
+        if t in specials:  # an added token kept in the vocabulary too: a marker, not a BPE token
+            need(specials[t] == i, f"model.vocab[{t!r}]", f"the id of the added token, {specials[t]}")
+            continue
+        need(t and all(c in char_byte for c in t), f"model.vocab[{t!r}]", "a token spelled in byte-level characters")
+        ranks[bytes(char_byte[c] for c in t)] = i
+    _check_bytes(path, ranks)
+    need(isinstance(merges, list), "model.merges", "a list")
+    made, last = set(), -1
+    for n, m in enumerate(merges):
+        pair = m.split(" ") if isinstance(m, str) else m  # "a b" (older files) or ["a", "b"]
+        ok = isinstance(pair, list) and len(pair) == 2 and all(p in vocab for p in pair) and "".join(pair) in vocab
+        need(ok, f"model.merges[{n}]", "two tokens of the vocabulary whose concatenation is one too")
+        i = vocab["".join(pair)]
+        need(i >= last, f"model.merges[{n}]", f"a merge making a token of id >= {last} (the merges make their tokens "
+                                              f"in id order, the order tiktoken's ranks give)")
+        made.add(i)
+        last = i
+    if unmade := [t for t, i in vocab.items() if t not in specials and len(t) > 1 and i not in made]:
+        need(False, "model.merges", f"a merge for every token of two or more bytes; none makes {unmade[0]!r}")
+    config_file = Path(path).with_name("tokenizer_config.json")  # which tokens are EOS and padding, when present
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (ValueError, RecursionError) as e:  # also UnicodeDecodeError
+        raise ValueError(f"{config_file}: not a JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    eos, pad = ((t.get("content") if isinstance(t, dict) else t) for t in (config.get("eos_token"),
+                                                                          config.get("pad_token")))
+    for key, name in (("eos_token", eos), ("pad_token", pad)):
+        if name is not None and name not in specials:
+            raise ValueError(f"{config_file}: field {key!r}: {name!r} is not an added token of {path}")
+    # BOS is what a TemplateProcessing post-processor puts first (Llama 3: <|begin_of_text|>; Qwen2.5: nothing)
+    post = tok.get("post_processor") or {}
+    template = next((p for p in [post, *post.get("processors", [])] if p.get("type") == "TemplateProcessing"), {})
+    bos = (template.get("single") or [{}])[0].get("SpecialToken", {}).get("id")
+    try:
+        out = _tokenizer(Path(path).name, pattern, ranks, specials, bos, eos, pad or eos, enc_specials={})
+    except ValueError as e:  # tiktoken compiles the pattern only now
+        raise ValueError(f"{path}: the pre-tokenizer's regex is not one tiktoken can compile ({e})") from None
+    out.nfc = norm is not None
+    return out
 
 
 # ----- Mistral 7B's SentencePiece BPE, as a tiktoken Encoding
@@ -631,8 +740,11 @@ TEMPLATES = {
     # HuggingFaceH4/zephyr-7b-beta's chat_template: eos_token after every message, "\n" after that
     "zephyr": ("<|{role}|>\n{content}</s>\n", "<|assistant|>\n", "</s>"),
     "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>"),  # see render
 }
 PER_MESSAGE = ("none", "mistral", "mistral_v3")  # each message is a unit (see above); the others: one unit
+# Qwen2.5's template (Qwen/Qwen2.5-7B-Instruct, tokenizer_config.json) opens with this when no system message leads
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
 def end_of_turn(tok, template) -> list[int]:
@@ -675,6 +787,8 @@ def render(template, prompt, response=None) -> list[list[tuple[str, bool]]]:
     if template == "none":
         units = [[("\n\n".join(m["content"] for m in prompt), False)]]
         return units if response is None else units + [[(response, False), (eot, True)]]
+    if template == "qwen" and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": QWEN_SYSTEM}] + prompt
     if template in ("mistral", "mistral_v3"):
         # [INST] has no system turn: mistral-common joins the system messages and prepends them to the
         # first user turn (v1) or the last (v3)

@@ -1,4 +1,4 @@
-"""A Mistral / Llama-family decoder in one file, read top to bottom (after nanoGPT, gpt-fast and Meta's
+"""A Mistral / Llama / Qwen2-family decoder in one file, read top to bottom (after nanoGPT, gpt-fast and Meta's
 reference model.py): config and presets, RMSNorm, RoPE, grouped-query attention, SwiGLU, the
 Transformer, KV-cache generation, then checkpoint I/O (our own safetensors reader and writer, the
 Hugging Face layout and Meta's / Mistral's original layout).
@@ -34,6 +34,9 @@ class ModelArgs:  # defaults: the shape of Mistral 7B
     sliding_window: int | None = None  # query i sees keys j with i - j < sliding_window (as HF Mistral)
     tie_embeddings: bool = False  # output.weight IS tok_embeddings.weight
     head_dim: int | None = None   # None = dim // n_heads (kept None, so dataclasses.replace(dim=...) re-derives it)
+    qkv_bias: bool = False        # biases on wq, wk, wv: the one change Qwen2 / Qwen2.5 make to this decoder
+    # Llama 3.1's RoPE scaling (see rope()): {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         # sizes first: the checks below divide by them
@@ -48,19 +51,38 @@ class ModelArgs:  # defaults: the shape of Mistral 7B
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"ModelArgs: {name} must be a finite number > 0, got {v!r}")
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            if set(r) != set(LLAMA3_ROPE) or not all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool)
+                                                     and math.isfinite(r[k]) and r[k] > 0 for k in r) \
+                    or not r["low_freq_factor"] < r["high_freq_factor"]:
+                raise ValueError(f"ModelArgs: rope_scaling must hold numbers > 0 for exactly {', '.join(LLAMA3_ROPE)} "
+                                 f"with low_freq_factor < high_freq_factor, got {r!r}")
         hd = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads or hd % 2:
             raise ValueError(f"ModelArgs: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads}) and head_dim ({hd}) even (RoPE rotates pairs)")
 
 
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _7B = ModelArgs()
+_LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 PRESETS = {
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192, max_seq_len=2048),
     "mistral-7b-v0.1": replace(_7B, vocab_size=32000, rope_theta=1e4, sliding_window=4096),
     "mistral-7b-v0.2": replace(_7B, vocab_size=32000, rope_theta=1e6),
     "mistral-7b-v0.3": replace(_7B, vocab_size=32768, rope_theta=1e6),
     "llama-3-8b": replace(_7B, vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
+    # Llama 3.1 / 3.2 (meta-llama/*, config.json): Llama 3's decoder with scaled RoPE; 3.2 1B ties its head
+    "llama-3.1-8b": replace(_7B, vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                              rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
+                              rope_scaling={**_LLAMA31_ROPE, "factor": 32.0}),
+    # Qwen2.5 (Qwen/*, config.json): q, k, v biases, theta 1e6; 0.5B ties its head
+    "qwen2.5-7b": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
+                            norm_eps=1e-6, rope_theta=1e6, max_seq_len=131072, qkv_bias=True),
+    "qwen2.5-0.5b": ModelArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
+                              norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
 }
 PRESETS["mistral-7b"] = PRESETS["mistral-7b-v0.1"]
 
@@ -76,9 +98,17 @@ class RMSNorm(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope(pos, head_dim, theta):
+def rope(pos, head_dim, theta, scaling=None):
     """Rotary angles (Su et al. 2021) for integer positions pos [B, T] -> cos, sin [B, T, 1, head_dim/2]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    if scaling:
+        # Llama 3.1 (Meta's apply_scaling; HF rope_type "llama3"): with L = original_max_position_embeddings,
+        # s = clamp((L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor), 0, 1) and
+        # f <- (1 - s) f / factor + s f: wavelengths under L / high_freq_factor keep their frequency, those
+        # over L / low_freq_factor are slowed by `factor`, the band between is interpolated.
+        s = ((scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi) - scaling["low_freq_factor"])
+             / (scaling["high_freq_factor"] - scaling["low_freq_factor"])).clamp(0, 1)
+        inv_freq = (1 - s) * inv_freq / scaling["factor"] + s * inv_freq
     angles = pos.float()[..., None] * inv_freq
     return angles.cos()[:, :, None], angles.sin()[:, :, None]
 
@@ -107,9 +137,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads
         self.head_dim = args.head_dim or args.dim // args.n_heads
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, d]
@@ -159,9 +189,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        for m in self.modules():  # N(0, 0.02) as GPT-2 / HF initializer_range; nn's defaults suit neither
+        for m in self.modules():  # N(0, 0.02) and zero biases as GPT-2 / HF; nn's defaults suit neither
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
             # load_state_dict(assign=True) puts in new Parameter objects: tie them again after every load
@@ -180,7 +212,7 @@ class Transformer(nn.Module):
         window = self.args.sliding_window
         if mask is None and window is not None and T > window:
             mask = attention_mask(slots, slots, window)
-        cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta)
+        cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta, self.args.rope_scaling)
         x = self.tok_embeddings(tokens)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
@@ -424,6 +456,9 @@ def _rope_permute(w, n_heads, to_hf):
     # Meta's RoPE (ours, and the original checkpoints') rotates interleaved pairs (x0, x1), (x2, x3), ... of a
     # head; HF's rotate_half rotates (x_i, x_{i + hd/2}). HF's converter reorders the rows of wq and wk within
     # each head so both conventions give the same q.k; we undo that reordering on load and redo it on save.
+    # A bias (Qwen2) is one column of rows: reordered alike.
+    if w.dim() == 1:
+        return _rope_permute(w[:, None], n_heads, to_hf)[:, 0]
     rows, cols = w.shape
     half = rows // n_heads // 2
     grouped = w.reshape((n_heads, half, 2, cols) if to_hf else (n_heads, 2, half, cols))
@@ -462,15 +497,22 @@ def _args(file, **kw):
 
 def _args_from_hf(cfg, file):
     kind = cfg.get("model_type")
-    if kind not in ("llama", "mistral"):  # both are exactly this decoder; others (qwen2 biases, gemma...) are not
-        raise ValueError(f"{file}: model_type {kind!r} is not supported (expected 'llama' or 'mistral')")
-    rope_cfg = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if kind not in ("llama", "mistral", "qwen2"):  # this decoder (qwen2: + q, k, v biases); others are not
+        raise ValueError(f"{file}: model_type {kind!r} is not supported (expected 'llama', 'mistral' or 'qwen2'; "
+                         f"mixture-of-experts and other architectures are not)")
+    rope_cfg = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # transformers 5 names it rope_parameters
     if not isinstance(rope_cfg, dict):
         raise ValueError(f"{file}: field 'rope_scaling' / 'rope_parameters' must be an object, got {rope_cfg!r}")
-    if rope_cfg.get("rope_type", rope_cfg.get("type", "default")) != "default":
-        raise ValueError(f"{file}: RoPE scaling {rope_cfg!r} is not supported (plain RoPE only)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{file}: biases or a hidden_act other than silu are not supported")
+    rope_type = rope_cfg.get("rope_type", rope_cfg.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{file}: RoPE type {rope_type!r} is not supported (plain RoPE and Llama 3.1's 'llama3' only)")
+    scaling = {k: _get(rope_cfg, k, f"{file}: rope_scaling", (int, float)) for k in LLAMA3_ROPE} \
+        if rope_type == "llama3" else None
+    # Llama's attention_bias puts a bias on wo too; Qwen2's sliding window covers only some layers
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu" \
+            or cfg.get("use_sliding_window"):
+        raise ValueError(f"{file}: attention_bias, mlp_bias, use_sliding_window or a hidden_act other than silu "
+                         f"are not supported")
     n_heads = _get(cfg, "num_attention_heads", file)
     return _args(file, dim=_get(cfg, "hidden_size", file), n_layers=_get(cfg, "num_hidden_layers", file),
                  n_heads=n_heads, n_kv_heads=_get(cfg, "num_key_value_heads", file, default=n_heads),
@@ -480,12 +522,14 @@ def _args_from_hf(cfg, file):
                  max_seq_len=_get(cfg, "max_position_embeddings", file, default=32768),
                  sliding_window=_get(cfg, "sliding_window", file, int, None) if kind == "mistral" else None,
                  tie_embeddings=_get(cfg, "tie_word_embeddings", file, bool, False),
-                 head_dim=_get(cfg, "head_dim", file, int, None))
+                 head_dim=_get(cfg, "head_dim", file, int, None), qkv_bias=kind == "qwen2", rope_scaling=scaling)
 
 
 def _args_from_params(p, file, n_embeddings=None):
     if "moe" in p or p.get("use_scaled_rope"):
-        raise ValueError(f"{file}: mixture-of-experts and scaled RoPE (Llama 3.1+) are not supported")
+        # Meta's code fixes the scaling factor at 8, where HF's 3.2 configs say 32: use the HF layout for 3.1+
+        raise ValueError(f"{file}: mixture-of-experts and scaled RoPE (Llama 3.1+) are not supported in Meta's "
+                         f"layout; load the Hugging Face layout (config.json) of a Llama 3.1 / 3.2 checkpoint")
     dim = _get(p, "dim", file)
     hidden = _get(p, "hidden_dim", file, int, None)
     if hidden is None:  # Meta's rule: 2/3 of 4 * dim, times ffn_dim_multiplier, rounded up to multiple_of
@@ -595,7 +639,7 @@ def load(path, *, device="cpu", dtype=None):
         if t.shape != shapes[n] or not t.is_floating_point():
             raise ValueError(f"{file}: tensor {key!r} is {t.dtype} {list(t.shape)}, the config needs a floating "
                              f"point tensor of shape {list(shapes[n])}")
-        if hf and n.endswith(("wq.weight", "wk.weight")):
+        if hf and n.endswith(("wq.weight", "wk.weight", "wq.bias", "wk.bias")):
             t = _rope_permute(t, args.n_heads if "wq" in n else args.n_kv_heads, to_hf=False)
         state[n] = t
     missing = [key for key, n in ours.items() if n not in state]
@@ -611,7 +655,7 @@ def load(path, *, device="cpu", dtype=None):
 
 def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
     """Hugging Face layout: config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards and
-    model.safetensors.index.json), loadable by transformers' MistralForCausalLM / LlamaForCausalLM and by
+    model.safetensors.index.json), loadable by transformers' Mistral-, Llama- or Qwen2ForCausalLM and by
     load(). `config` adds keys to config.json (e.g. the tokenizer spec). LoRA must be merged away first."""
     a, path = model.args, Path(path)
     with torch.device("meta"):
@@ -626,7 +670,7 @@ def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
         if a.tie_embeddings and n == "output.weight":
             continue  # a tied head is stored once, as the embedding, as HF does
         t = state[n]
-        if n.endswith(("wq.weight", "wk.weight")):
+        if n.endswith(("wq.weight", "wk.weight", "wq.bias", "wk.bias")):
             t = _rope_permute(t, a.n_heads if "wq" in n else a.n_kv_heads, to_hf=True)
         tensors[_hf_name(n)] = t
     shards, size = [[]], 0  # greedy: a new shard when the next tensor would overflow this one
@@ -647,13 +691,17 @@ def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    # Without a window the two HF classes are the same network; Mistral's is the one that has the window.
-    arch = "Mistral" if a.sliding_window is not None else "Llama"
+    # Without a window Llama and Mistral are the same network; Mistral's is the one that has the window,
+    # Qwen2's the one with q, k, v biases (its window, on some layers only, is not ours).
+    if a.qkv_bias and a.sliding_window is not None:
+        raise ValueError("save_hf: no Hugging Face architecture has q, k, v biases and a sliding window on every layer")
+    arch = "Qwen2" if a.qkv_bias else "Mistral" if a.sliding_window is not None else "Llama"
+    rope_scaling = a.rope_scaling and {"rope_type": "llama3", **a.rope_scaling}
     cfg = {"architectures": [f"{arch}ForCausalLM"], "model_type": arch.lower(), "hidden_size": a.dim,
            "intermediate_size": a.hidden_dim, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
            "num_hidden_layers": a.n_layers, "head_dim": model.layers[0].attention.head_dim,
            "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "vocab_size": a.vocab_size,
            "tie_word_embeddings": a.tie_embeddings, "sliding_window": a.sliding_window,
-           "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+           "max_position_embeddings": a.max_seq_len, "hidden_act": "silu", "rope_scaling": rope_scaling,
            "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), **(config or {})}
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

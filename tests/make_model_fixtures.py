@@ -1,13 +1,14 @@
-"""Oracle for tests/test_model.py: tiny random MistralForCausalLM / LlamaForCausalLM checkpoints and the
-logits Hugging Face `transformers` computes for fixed tokens. Run once, output committed:
+"""Oracle for tests/test_model.py: tiny random MistralForCausalLM / LlamaForCausalLM / Qwen2ForCausalLM
+checkpoints and the logits Hugging Face `transformers` computes for fixed tokens. Run once, output committed:
 
     pip install transformers safetensors      # oracle only; not a project dependency
-    python tests/make_model_fixtures.py       # writes tests/fixtures/model/{mistral,llama}/
+    python tests/make_model_fixtures.py       # writes tests/fixtures/model/{mistral,llama,llama31,qwen2}/
 
 Each fixture directory holds
     hf/        config.json + safetensors written by transformers' save_pretrained (mistral: sharded + index)
-    original/  the same weights in Meta's layout: params.json + consolidated.00.pth (mistral) or
-               consolidated.safetensors written by the safetensors library (llama)
+    original/  (mistral, llama) the same weights in Meta's layout: params.json + consolidated.00.pth (mistral)
+               or consolidated.safetensors written by the safetensors library (llama). Meta's layout has no
+               q, k, v biases, and its scaled RoPE is not read (model.py), so llama31 and qwen2 have none.
     expected.pt  {"tokens": [B, T] long, "logits": [B, T, V] float32} from the transformers model.
 Nothing here imports model.py: the checkpoints, the layout conversion and the logits are independent of it.
 """
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 OUT = Path(__file__).parent / "fixtures" / "model"
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              rms_norm_eps=1e-5, max_position_embeddings=64, attn_implementation="eager")
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=4)
 CASES = {
     # GQA 4:2, untied head, theta 1e4, sliding window 4 on 12 tokens (so the window cuts), sharded save
     "mistral": (MistralForCausalLM, MistralConfig(**SMALL, num_key_value_heads=2, rope_theta=10000.0,
@@ -29,6 +32,13 @@ CASES = {
     # multi-query 4:1, head_dim 16 != hidden/heads, theta 5e5, tied head, one file
     "llama": (LlamaForCausalLM, LlamaConfig(**SMALL, num_key_value_heads=1, head_dim=16, rope_theta=500000.0,
                                             tie_word_embeddings=True), "5GB"),
+    # Llama 3.1's scaled RoPE ("llama3"; original context 4, so the scaling changes the 12 positions), GQA 4:2,
+    # untied head
+    "llama31": (LlamaForCausalLM, LlamaConfig(**SMALL, num_key_value_heads=2, rope_theta=500000.0,
+                                              tie_word_embeddings=False, rope_scaling=LLAMA31_ROPE), "5GB"),
+    # Qwen2: biases on q, k, v, theta 1e6, GQA 4:2, tied head, sharded save
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**{**SMALL, "rms_norm_eps": 1e-6}, num_key_value_heads=2,
+                                            rope_theta=1e6, tie_word_embeddings=True), "40KB"),
 }
 HF_TO_META = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output",
               "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
@@ -71,6 +81,8 @@ def main():
             for pname, p in model.named_parameters():
                 if "norm" in pname:
                     p.copy_(1 + 0.2 * torch.randn_like(p))
+                elif pname.endswith("bias"):
+                    p.normal_(std=0.5)
                 elif "embed" in pname:
                     p.normal_()
                 else:
@@ -84,10 +96,20 @@ def main():
                 full = model(tokens).logits
             assert (full - logits).abs().max() > 1e-2, "sliding window made no difference"
             cfg.sliding_window = 4
+        if name == "llama31":  # the scaling must matter too: the same weights with plain RoPE differ
+            plain = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, rope_theta=500000.0,
+                                                 tie_word_embeddings=False)).eval()
+            plain.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                assert (plain(tokens).logits - logits).abs().max() > 1e-2, "RoPE scaling made no difference"
         d = OUT / name
         shutil.rmtree(d, ignore_errors=True)
         model.save_pretrained(d / "hf", max_shard_size=shard)
         (d / "hf" / "generation_config.json").unlink(missing_ok=True)
+        torch.save({"tokens": tokens, "logits": logits}, d / "expected.pt")
+        print(name, sorted(p.name for p in (d / "hf").iterdir()), f"logit range {logits.min():.2f}..{logits.max():.2f}")
+        if name in ("llama31", "qwen2"):
+            continue
         (d / "original").mkdir(parents=True)
         params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
                   "n_kv_heads": cfg.num_key_value_heads, "hidden_dim": cfg.intermediate_size,
@@ -101,8 +123,6 @@ def main():
             params["tied_embeddings"] = True
             save_file(state, d / "original" / "consolidated.safetensors")
         (d / "original" / "params.json").write_text(json.dumps(params, indent=2))
-        torch.save({"tokens": tokens, "logits": logits}, d / "expected.pt")
-        print(name, sorted(p.name for p in (d / "hf").iterdir()), f"logit range {logits.min():.2f}..{logits.max():.2f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """data.py against independent references: ids recorded from sentencepiece, tiktoken's r50k_base and
 mistral-common (tests/make_data_fixtures.py), tokenisations worked by hand on small files written in
 each format, and hand-built batches."""
+import importlib.util
 import json
 import os
 import random
 import re
 import struct
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -403,6 +405,142 @@ def test_real_tekken_gives_mistral_commons_ids():
     assert [tok.encode(t) for t in IDS["texts"]] == IDS["tekken_240718"]
 
 
+# Hugging Face tokenizer.json (byte-level BPE): the oracle is the `tokenizers` library itself, run on
+# files it trains and saves here, and on Llama 3's HF form converted from the real tokenizer.model
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")  # Qwen2.5's tokenizer.json
+CORPUS = ["The quick brown fox jumps over the lazy dog; it's 12345 o'clock. Café naïve résumé — 東京 ここ 🙂\n\n"
+          "  indented   spaces\tand tabs\r\n" + t for t in IDS["texts"]]
+ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _train_bpe(path, kind):
+    """A byte-level BPE trained and saved by `tokenizers`, with its added tokens after the vocabulary as
+    Qwen2.5's: "split" as Qwen2.5 (NFC, a Split regex, ByteLevel), "gpt2" (ByteLevel's own regex) or "gaps"
+    (a Split regex that leaves text unmatched, which Split keeps as pieces of their own)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind == "gpt2")
+    if kind != "gpt2":
+        split = pre_tokenizers.Split(Regex(QWEN_PATTERN if kind == "split" else r"\p{L}+"), behavior="isolated")
+        byte_level = pre_tokenizers.Sequence([split, byte_level])
+    tok.pre_tokenizer = byte_level
+    if kind == "split":
+        tok.normalizer = tokenizers.normalizers.NFC()
+    tok.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(ADDED)
+    tok.add_tokens([AddedToken("<tool_call>", special=False)])  # as Qwen2.5's: added, not special
+    tok.save(str(path))
+    return tok
+
+
+def _random_texts(n, seed=0):
+    rnd = random.Random(seed)
+    chars = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), 0x301, 0x3042, 0x4E00, 0x1F600, 10, 9, 13]]
+    words = " ".join(CORPUS[:3]).split(" ") + ADDED + ["<tool_call>", "e\u0301", "\n\n", "  ", "2024"]
+    return [("".join(rnd.choice(chars) for _ in range(rnd.randint(1, 30))) if rnd.random() < 0.5 else
+             rnd.choice([" ", "", "\n", "  "]).join(rnd.choice(words) for _ in range(rnd.randint(1, 12))))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["split", "gpt2", "gaps"])
+def test_hf_byte_level_bpe_gives_the_tokenizers_librarys_ids(tmp_path, kind):
+    ref = _train_bpe(tmp_path / "tokenizer.json", kind)
+    tok = data.load_tokenizer(tmp_path)  # the directory: tokenizer.json is found
+    assert tok.special_ids == {s: ref.token_to_id(s) for s in ADDED + ["<tool_call>"]}
+    assert tok.vocab_size == ref.get_vocab_size() and tok.nfc == (kind == "split")
+    # message text: every added token stays text, as `tokenizers` gives it with no added tokens at all
+    plain = json.loads((tmp_path / "tokenizer.json").read_text())
+    plain["added_tokens"] = []
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    text_only = type(ref).from_file(str(tmp_path / "plain.json"))
+    for text in _random_texts(500):
+        assert data.encode_chat(tok, "chatml", [[(text, True)]]) == ref.encode(text, add_special_tokens=False).ids, text
+        ids = tok.encode(text)
+        assert ids == text_only.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == (unicodedata.normalize("NFC", text) if tok.nfc else text)
+
+
+def test_hf_tokenizer_json_reads_bos_from_its_post_processor_and_eos_pad_from_its_config(tmp_path):
+    ref = _train_bpe(tmp_path / "tokenizer.json", "split")
+    assert (lambda t: (t.bos_id, t.eos_id, t.pad_id))(data.load_tokenizer(tmp_path)) == (None, None, 0)
+    # Qwen2.5-Instruct's tokenizer_config.json: EOS <|im_end|>, padding <|endoftext|>, no BOS
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>",
+                                                                "pad_token": "<|endoftext|>"}))
+    tok = data.load_tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, ref.token_to_id("<|im_end|>"), ref.token_to_id(ADDED[0]))
+    # Llama 3's tokenizer.json puts <|begin_of_text|> first with a TemplateProcessing post-processor
+    from tokenizers import processors
+    ref.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", ref.token_to_id("<|im_start|>"))])])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    assert data.load_tokenizer(tmp_path).bos_id == ref.token_to_id("<|im_start|>") == \
+        ref.encode("x").ids[0]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: field 'eos_token': '</s>' is not an added token"):
+        data.load_tokenizer(tmp_path)
+
+
+def _llama3_model_file():
+    """Meta's Llama 3 tokenizer.model as the llama-models wheel ships it (pip install llama-models --no-deps)."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        pytest.skip("llama-models is not installed (it carries Meta's Llama 3 tokenizer.model)")
+    return Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
+
+
+def test_llama3_hf_form_converted_from_the_real_tokenizer_model_gives_the_tokenizers_librarys_ids(tmp_path):
+    pytest.importorskip("tokenizers")
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    model_file = _llama3_model_file()
+    # transformers' converter writes the HF form: the tiktoken ranks as vocabulary + merges, Llama 3's split regex
+    ref = convert.TikTokenConverter(str(model_file), pattern=data.LLAMA3_PATTERN,
+                                    extra_special_tokens=data.LLAMA3_SPECIALS).converted()
+    ref.save(str(tmp_path / "tokenizer.json"))
+    tok, meta = data.load_tokenizer(tmp_path / "tokenizer.json"), data.load_tokenizer(model_file)
+    assert tok.special_ids == meta.special_ids and tok.vocab_size == meta.vocab_size == 128256
+    texts = IDS["texts"] + _random_texts(200, seed=1) + [
+        "This is a test sentence.", "héllo wörld  \n\n  東京 🙂 12345678 1.5e-3", "   leading\t\ttabs\r\nCRLF\n\n\n",
+        "I'LL've 'S don't", "<|eot_id|>x<|begin_of_text|>y <|start_header_id|>user<|end_header_id|>\n\n"]
+    for text in texts:
+        assert data.encode_chat(tok, "chatml", [[(text, True)]]) == ref.encode(text, add_special_tokens=False).ids, text
+        assert tok.encode(text) == meta.encode(text), text
+    assert tok.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]  # Meta's published ids
+
+
+def _edit_tokenizer_json(path, edit):
+    tok = json.loads(path.read_text())
+    edit(tok)
+    path.write_text(json.dumps(tok))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["model"].update(type="WordPiece"), "field 'model': expected a byte-level BPE"),
+    (lambda t: t["model"].update(byte_fallback=True), "field 'model': expected a byte-level BPE"),
+    (lambda t: t.update(normalizer={"type": "Lowercase"}), "field 'normalizer': expected null or NFC"),
+    (lambda t: t["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "field 'pre_tokenizer'"),
+    (lambda t: t["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"), "field 'pre_tokenizer'"),
+    (lambda t: t["pre_tokenizer"]["pretokenizers"][0].update(pattern={"String": " "}), "field 'pre_tokenizer'"),
+    (lambda t: t["pre_tokenizer"]["pretokenizers"][0].update(pattern={"Regex": "("}), "regex is not one tiktoken"),
+    (lambda t: t["added_tokens"][1].update(lstrip=True), "field 'added_tokens': expected .* none with lstrip"),
+    (lambda t: t["added_tokens"][1].update(id=t["added_tokens"][0]["id"]), "field 'added_tokens': .* each content"),
+    (lambda t: t["model"]["merges"].reverse(), r"field 'model.merges\[1\]': expected a merge making a token of id"),
+    (lambda t: t["model"]["merges"].pop(), "field 'model.merges': expected a merge for every token"),
+    (lambda t: t["model"]["merges"].append(["Ġ", "zzz"]), r"field 'model.merges\[\d+\]': expected two tokens"),
+    (lambda t: t["model"]["vocab"].pop("Ġ"), "no token for byte 0x20"),
+    (lambda t: t["model"]["vocab"].update({"\u4e00": 5000}), r"field .model.vocab\['一'\].: expected a token spelled"),
+])
+def test_a_tokenizer_json_it_cannot_read_exactly_is_refused_in_one_line(tmp_path, edit, message):
+    path = tmp_path / "tokenizer.json"
+    _train_bpe(path, "split")
+    _edit_tokenizer_json(path, edit)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message) as e:
+        data.load_tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
 def test_byte_tokenizer_is_utf8_bytes_plus_three_specials():
     tok = data.load_tokenizer("byte")
     assert tok.encode("hé!") == [104, 0xC3, 0xA9, 33]
@@ -420,7 +558,7 @@ def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "gpt2.tiktoken").write_bytes((FIX / "gpt2.tiktoken").read_bytes())
     assert data.load_tokenizer(tmp_path / "gpt2").bos_id == 50256
-    with pytest.raises(ValueError, match="no tekken.json, tokenizer.model or gpt2.tiktoken"):
+    with pytest.raises(ValueError, match="no tekken.json, tokenizer.model, gpt2.tiktoken, tokenizer.json"):
         data.load_tokenizer(tmp_path)
     (tmp_path / "junk.model").write_text("not a tokenizer\n")
     with pytest.raises(ValueError, match=r"junk.model:1: expected 'base64-token rank'"):
@@ -599,3 +737,64 @@ def test_prompt_ids_are_the_tokens_before_the_scored_response():
     ids = data.prompt_ids(["12+3=", "a much longer prompt than fits"], tok, max_length=16, max_prompt_length=8)
     assert ids[0] == [tok.bos_id] + list(b"12+3=")
     assert ids[1] == [tok.bos_id] + list(b"an fits")  # BOS kept, the end of the prompt kept: 8 tokens
+
+
+# The chat_template of Qwen/Qwen2.5-7B-Instruct's tokenizer_config.json on the Hugging Face hub, as published
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n{%- else %}\n"
+    "    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n")
+
+
+@pytest.mark.parametrize("chat", [
+    [{"role": "user", "content": "What is 2+2?"}],  # no system message: Qwen's default one is added
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a colour.\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Later rules."},  # a later system: a turn
+     {"role": "user", "content": " café\n\n 東京 "}],
+])
+def test_qwen_template_gives_transformers_apply_chat_template_text_and_ids(tmp_path, chat):
+    transformers = pytest.importorskip("transformers")
+    ref = _train_bpe(tmp_path / "tokenizer.json", "split")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=ref, chat_template=QWEN25_CHAT_TEMPLATE)
+    tok = data.load_tokenizer(tmp_path)
+    text = "".join(t for unit in data.render("qwen", chat) for t, _ in unit)
+    assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert data.end_of_turn(tok, "qwen") == [ref.token_to_id("<|im_end|>")]
+    want = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert data.prompt_ids([chat], tok, template="qwen", max_length=512, max_prompt_length=400) == [want]
+    # training on an answer: the scored tokens are the ones the model sees in the whole conversation
+    answer = "Four, of course.\nIt is 4."
+    full = hf.apply_chat_template(chat + [{"role": "assistant", "content": answer}], tokenize=True,
+                                  return_dict=False)
+    batch = data.collate([data.Example(chat, [answer], [0.0])], tok, template="qwen", max_length=512,
+                         max_prompt_length=400)
+    assert batch["tokens"][0].tolist() == full[:-1]  # the template's last "\n" after <|im_end|> is not scored
+    assert batch["tokens"][0][batch["loss_mask"][0]].tolist() == full[len(want):-1]

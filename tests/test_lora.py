@@ -286,3 +286,36 @@ def test_quantized_base_is_about_4x_smaller_than_bf16_and_its_lora_model_trains(
     assert 3.7 < bf16_bytes / nf4_bytes <= 16 / 4.25             # 4 bits + a bf16 scale per 64 weights
     losses = train(model, steps=12)
     assert losses[-1] < losses[0] - 0.5, losses                  # nats; starts at ln(vocab_size)
+
+
+def test_qwen2_biases_on_q_k_v_survive_inject_merge_and_nf4():
+    # Qwen2's wq, wk, wv carry a bias: LoRA adapts the weight only, the bias stays frozen and in every path
+    def biased():
+        m = tiny(qkv_bias=True)
+        with torch.no_grad():  # biases start at zero, which would hide a dropped one
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+        return m
+    x, base = tokens(), biased()
+    with torch.no_grad():
+        want = base(x)
+        model = lora.inject(biased(), targets=("q", "k", "v"), r=4, alpha=8.0)
+        assert torch.equal(model(x), want)
+        randomize_adapters(model)
+        adapted = model(x)
+        assert not torch.allclose(adapted, want, atol=1e-3)
+        torch.testing.assert_close(lora.merge(model)(x), adapted, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.layers[1].attention.wk.bias, base.layers[1].attention.wk.bias)
+        lora.unmerge(model)
+        quantized = lora.quantize_4bit(model)
+        for i, layer in enumerate(base.layers):  # the reference: the base with its weights rounded to NF4
+            for w in ("wq", "wk", "wv"):
+                q = getattr(quantized.layers[i].attention, w)
+                getattr(layer.attention, w).weight.copy_(
+                    lora.dequantize_nf4(q.weight_nf4, q.weight_absmax, (q.out_features, q.in_features), torch.float32))
+        with lora.disabled(quantized):
+            torch.testing.assert_close(quantized(x), base(x), rtol=1e-5, atol=1e-5)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"layers.{i}.attention.{w}.lora_{ab}" for i in range(2) for w in ("wq", "wk", "wv") for ab in "AB"}
+    assert "layers.0.attention.wq.bias" in quantized.state_dict()

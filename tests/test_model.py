@@ -19,11 +19,13 @@ def tiny(seed=0, **changes):
 
 # ----------------------------------------------------------------------------- parity with transformers
 
-@pytest.mark.parametrize("layout", ["hf", "original"])
-@pytest.mark.parametrize("case", ["mistral", "llama"])
+@pytest.mark.parametrize("case, layout", [("mistral", "hf"), ("mistral", "original"), ("llama", "hf"),
+                                          ("llama", "original"), ("llama31", "hf"), ("qwen2", "hf")])
 def test_logits_match_transformers_within_1e_4(case, layout):
     # mistral: GQA 4:2, untied head, sliding window 4 < 12 tokens, sharded safetensors / .pth;
-    # llama: MQA, head_dim != dim / n_heads, theta 5e5, tied head, single safetensors
+    # llama: MQA, head_dim != dim / n_heads, theta 5e5, tied head, single safetensors;
+    # llama31: Llama 3.1's RoPE scaling (original context 4 < 12 tokens), untied head;
+    # qwen2: q, k, v biases, tied head, sharded safetensors
     expected = torch.load(FIXTURES / case / "expected.pt", weights_only=True)
     m = model.load(FIXTURES / case / layout)
     with torch.no_grad():
@@ -42,13 +44,24 @@ def test_original_and_hf_layouts_load_identical_weights(case):
         assert torch.equal(hf(tokens), orig(tokens))
 
 
-def test_live_transformers_parity_both_directions(tmp_path):
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8)
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("Mistral", dict(sliding_window=5, tie_word_embeddings=False)),
+    ("Llama", dict(rope_scaling=LLAMA31_ROPE, tie_word_embeddings=False)),
+    ("Llama", dict(rope_scaling={**LLAMA31_ROPE, "factor": 32.0}, tie_word_embeddings=True)),  # Llama 3.2's
+    ("Qwen2", dict(tie_word_embeddings=True)),
+    ("Qwen2", dict(tie_word_embeddings=False)),
+])
+def test_live_transformers_parity_both_directions(tmp_path, arch, extra):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.MistralConfig(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
-                                     rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=80, hidden_size=48, intermediate_size=96,
+                                                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                                 rope_theta=1e6, rms_norm_eps=1e-5, **extra)
     torch.manual_seed(0)
-    ref = transformers.MistralForCausalLM(cfg).eval()
+    ref = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(std=0.3)
@@ -57,6 +70,7 @@ def test_live_transformers_parity_both_directions(tmp_path):
     ours = model.load(tmp_path / "hf")
     model.save_hf(ours, tmp_path / "ours", max_shard_bytes=50_000)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(ref)
     with torch.no_grad():
         expected = ref(tokens).logits
         assert (ours(tokens) - expected).abs().max() < 1e-4
@@ -65,9 +79,14 @@ def test_live_transformers_parity_both_directions(tmp_path):
 
 # ----------------------------------------------------------------------------- save / load
 
-@pytest.mark.parametrize("changes", [dict(sliding_window=8), dict(tie_embeddings=True, head_dim=32)])
+@pytest.mark.parametrize("changes", [dict(sliding_window=8), dict(tie_embeddings=True, head_dim=32),
+                                     dict(qkv_bias=True, rope_scaling=model.PRESETS["llama-3.1-8b"].rope_scaling)])
 def test_save_hf_then_load_round_trips_exactly(tmp_path, changes):
     m = tiny(**changes)
+    with torch.no_grad():  # biases start at zero: random ones show that their RoPE reordering round-trips
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
     model.save_hf(m, tmp_path, max_shard_bytes=100_000, config={"nca_tokenizer": "byte"})
     assert (tmp_path / "model.safetensors.index.json").exists()  # sharded: the index path is exercised
     assert json.loads((tmp_path / "config.json").read_text())["nca_tokenizer"] == "byte"
@@ -88,16 +107,60 @@ def test_load_casts_to_the_requested_dtype():
 def n_params_by_hand(a: ModelArgs):
     hd = a.head_dim or a.dim // a.n_heads
     attn = a.dim * hd * (2 * a.n_heads + 2 * a.n_kv_heads)  # wq, wo: H heads; wk, wv: KV heads
+    attn += a.qkv_bias * hd * (a.n_heads + 2 * a.n_kv_heads)  # Qwen2's biases on wq, wk, wv
     block = attn + 3 * a.dim * a.hidden_dim + 2 * a.dim  # + SwiGLU w1 w2 w3 + two RMSNorm weights
     return a.n_layers * block + a.dim + a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
 
 
 @pytest.mark.parametrize("name, count", [("mistral-7b", 7_241_732_096), ("mistral-7b-v0.1", 7_241_732_096),
-                                         ("mistral-7b-v0.3", 7_248_023_552), ("llama-3-8b", 8_030_261_248)])
+                                         ("mistral-7b-v0.3", 7_248_023_552), ("llama-3-8b", 8_030_261_248),
+                                         ("llama-3.1-8b", 8_030_261_248), ("llama-3.2-1b", 1_235_814_400),
+                                         ("qwen2.5-7b", 7_615_616_512), ("qwen2.5-0.5b", 494_032_768)])
 def test_presets_on_meta_have_the_real_models_parameter_counts(name, count):
     with torch.device("meta"):
         m = Transformer(PRESETS[name])
     assert sum(p.numel() for p in m.parameters()) == n_params_by_hand(PRESETS[name]) == count
+
+
+# The published config.json of each new preset (meta-llama/Llama-3.1-8B, meta-llama/Llama-3.2-1B, Qwen/Qwen2.5-7B,
+# Qwen/Qwen2.5-0.5B on the Hugging Face hub), less the keys that do not shape the network (token ids, dtype, ...)
+_LLAMA31 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+_QWEN25 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+           "rope_scaling": None, "use_sliding_window": False}
+PUBLISHED = {
+    "llama-3.1-8b": _LLAMA31,
+    "llama-3.2-1b": {**_LLAMA31, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "head_dim": 64, "tie_word_embeddings": True, "rope_scaling": {**_LLAMA31["rope_scaling"],
+                                                                                    "factor": 32.0}},
+    "qwen2.5-7b": {**_QWEN25, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 131072, "sliding_window": 131072, "max_window_layers": 28,
+                   "tie_word_embeddings": False},
+    "qwen2.5-0.5b": {**_QWEN25, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "sliding_window": 32768, "max_window_layers": 24,
+                     "tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_give_the_presets(name):
+    assert model._args_from_hf(PUBLISHED[name], "config.json") == PRESETS[name]
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_presets_count_what_transformers_counts_for_the_published_config(name):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.for_model(**PUBLISHED[name])
+    with torch.device("meta"):
+        ref, ours = transformers.AutoModelForCausalLM.from_config(cfg), Transformer(PRESETS[name])
+    # parameters() yields a tied weight once, in both
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
 # ----------------------------------------------------------------------------- forward
@@ -350,6 +413,15 @@ def without(cfg, *keys):
 
 @pytest.mark.parametrize("case, layout, file, edit, message", [
     ("llama", "hf", "config.json", lambda c: [c], "config.json: expected a JSON object, got list"),
+    ("llama31", "hf", "config.json", lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "rope_type": "yarn"}},
+     "config.json: RoPE type 'yarn' is not supported"),
+    ("llama31", "hf", "config.json", lambda c: {**c, "rope_parameters": without(c["rope_parameters"], "factor")},
+     "config.json: rope_scaling: field 'factor' must be int or float, but it is missing"),
+    ("llama31", "hf", "config.json",
+     lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+     "rope_scaling must hold numbers > 0 .* with low_freq_factor < high_freq_factor"),
+    ("qwen2", "hf", "config.json", lambda c: {**c, "use_sliding_window": True}, "use_sliding_window .* not supported"),
+    ("llama", "hf", "config.json", lambda c: {**c, "model_type": "mixtral"}, "model_type 'mixtral' is not supported"),
     ("llama", "hf", "config.json", lambda c: without(c, "hidden_size"), "'hidden_size' must be int, but it is missing"),
     ("llama", "hf", "config.json", lambda c: {**c, "rope_scaling": "linear"}, "'rope_scaling' .* must be an object"),
     ("llama", "hf", "config.json", lambda c: {**c, "rms_norm_eps": -1e-5}, "norm_eps must be a finite number > 0"),
@@ -387,6 +459,18 @@ def test_hf_checkpoint_with_the_rope_table_of_older_transformers_loads(tmp_path)
                                                       for i in range(2)}))
     m, want = model.load(d), model.load(FIXTURES / "llama" / "hf")
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), want.state_dict().values()))
+
+
+def test_llama31_config_in_the_published_rope_scaling_form_loads_the_same_model(tmp_path):
+    # the fixture's config.json is transformers 5's (rope_parameters); the hub's holds rope_scaling + rope_theta
+    d = edit_json(tmp_path, "llama31", "hf", "config.json",
+                  lambda c: {**without(c, "rope_parameters"), "rope_theta": c["rope_parameters"]["rope_theta"],
+                             "rope_scaling": without(c["rope_parameters"], "rope_theta")})
+    a, b = model.load(d), model.load(FIXTURES / "llama31" / "hf")
+    assert a.args == b.args and a.args.rope_scaling["original_max_position_embeddings"] == 4
+    tokens = torch.load(FIXTURES / "llama31" / "expected.pt", weights_only=True)["tokens"]
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
 
 
 def test_meta_params_json_of_llama_3_8b_gives_the_preset():
