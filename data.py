@@ -860,11 +860,10 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos = [] if tok.bos_id is None else [tok.bos_id]
-    end = end_of_turn(tok, template)
+    end_of_turn(tok, template)  # refuses a template that does not fit the tokeniser
     rows, n_prompt, n_response = [], 0, 0
     for ex in examples:
-        whole_p = encode_chat(tok, template, render(template, ex.prompt))
-        p = whole_p
+        p = whole_p = encode_chat(tok, template, render(template, ex.prompt))
         if len(bos) + len(p) > max_prompt_length:
             n_prompt += 1
             p = p[len(p) - (max_prompt_length - len(bos)):]

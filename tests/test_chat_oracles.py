@@ -3,7 +3,6 @@ registry wheels (no download at test time): mistral-common's own chat encoding (
 SentencePiece, Tekken), Meta's llama-models tokenizer and ChatFormat (Llama 3), and transformers'
 apply_chat_template with the published templates (zephyr, chatml). Each test skips, saying why, only
 where its oracle package is absent (requirements-test.txt installs them all)."""
-import os
 from pathlib import Path
 
 import pytest

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nca
+from conftest import tiny
 
 
 def batch(B=4, T=37, d=16, V=1003, dtype=torch.float32, seed=0):
@@ -175,9 +176,7 @@ def test_bad_inputs_raise_clear_errors(change, message):
 
 def test_batch_logps_scores_each_response_token_from_the_position_before_it():
     # golden: the model's full forward logits, log_softmax, the logit at t scoring token t + 1
-    import model as model_lib
-    torch.manual_seed(0)
-    m = model_lib.Transformer(model_lib.PRESETS["tiny"]).eval()
+    m = tiny()
     V = m.args.vocab_size
     tokens = torch.randint(0, V, (3, 11))
     mask = torch.zeros(3, 11, dtype=torch.bool)

@@ -1,19 +1,13 @@
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from model import PRESETS, Transformer
+from model import PRESETS
+from conftest import tiny
 
 ARGS = PRESETS["tiny"]
-
-
-def tiny(seed=0, **changes):
-    torch.manual_seed(seed)
-    return Transformer(dataclasses.replace(ARGS, **changes))
 
 
 def tokens(B=4, T=16, seed=1):

@@ -8,13 +8,9 @@ import torch
 
 import model
 from model import PRESETS, ModelArgs, Transformer, generate
+from conftest import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model"  # written by tests/make_model_fixtures.py (transformers)
-
-
-def tiny(seed=0, **changes):
-    torch.manual_seed(seed)
-    return Transformer(dataclasses.replace(PRESETS["tiny"], **changes)).eval()
 
 
 # ----------------------------------------------------------------------------- parity with transformers
@@ -256,7 +252,7 @@ def test_sampled_generation_is_reproducible_with_a_generator():
 
 
 def test_hidden_with_a_cache_and_no_mask_is_refused():
-    m = model.Transformer(model.PRESETS["tiny"])
+    m = tiny()
     cache = [model.KVCache(4) for _ in m.layers]
     with pytest.raises(ValueError, match="with a cache, pass the mask"):
         m.hidden(torch.zeros(1, 2, dtype=torch.long), cache=cache)

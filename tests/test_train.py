@@ -13,6 +13,7 @@ import data
 import model as model_lib
 import nca
 import train
+from conftest import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,8 +52,7 @@ def test_a_few_steps_of_each_loss_reduce_it(tmp_path, loss, extra):
 def test_lora_trains_only_adapters_and_exports_merged_hf_checkpoint(tmp_path):
     result, rows = run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--lora-targets", "q,v", "--lr", "1e-2")
     assert losses(rows)[-1] < losses(rows)[0]
-    torch.manual_seed(0)
-    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    base = tiny().state_dict()
     final = model_lib.load(tmp_path / "out" / "final").state_dict()
     changed = {k for k in base if not torch.equal(base[k], final[k])}
     assert changed == {f"layers.{i}.attention.{w}.weight" for i in range(2) for w in ("wq", "wv")}
@@ -63,8 +63,7 @@ def test_lora_trains_only_adapters_and_exports_merged_hf_checkpoint(tmp_path):
 
 def test_qlora_exports_the_adapters_merged_into_the_16_bit_base(tmp_path):
     run(tmp_path, "--loss", "nca", "--lora-rank", "4", "--quantize", "4bit", "--lr", "1e-2", "--steps", "2")
-    torch.manual_seed(0)
-    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    base = tiny().state_dict()
     final = model_lib.load(tmp_path / "out" / "final").state_dict()
     w = "layers.0.attention.wq.weight"
     assert 0 < (final[w] - base[w]).abs().max() < 0.1  # base + small update, not requantised
@@ -73,8 +72,7 @@ def test_qlora_exports_the_adapters_merged_into_the_16_bit_base(tmp_path):
 
 def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_init(tmp_path):
     run(tmp_path, "--loss", "infonca", "--steps", "2")
-    torch.manual_seed(0)
-    base = model_lib.Transformer(model_lib.PRESETS["tiny"]).state_dict()
+    base = tiny().state_dict()
     final = model_lib.load(tmp_path / "out" / "final").state_dict()
     assert all(not torch.equal(base[k], final[k]) for k in base if "norm" not in k)
     # OUT of a run is a valid --init: the next stage starts from its final model and tokenizer
@@ -195,8 +193,7 @@ def test_precomputed_reference_equals_on_the_fly_and_is_recomputed_only_when_its
     examples = train.prepare_examples(path, args, "--data")
     run = train.configure(args, examples, 0, 1, torch.device("cpu"))
     tok = data.load_tokenizer("byte")
-    torch.manual_seed(0)
-    model = model_lib.Transformer(model_lib.PRESETS["tiny"])
+    model = tiny()
     calls = []
     batch_logps = nca.batch_logps
     monkeypatch.setattr(nca, "batch_logps", lambda *a: calls.append(1) or batch_logps(*a))
@@ -281,7 +278,7 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
                  "dpo_alpha_unused": ["--loss", "dpo", "--pairs", "dpo", "--steps", "5", "--alpha", "0.5"]
                  }.get(case, [])
         if case == "resume_shape":  # the --init directory will hold another model by the time of --resume
-            model_lib.save_hf(model_lib.Transformer(model_lib.PRESETS["tiny"]), tmp_path / "init")
+            model_lib.save_hf(tiny(), tmp_path / "init")
         run(tmp_path, "--save-every", "1", "--no-export", *first, data_file=path)
         args = ["--resume", *first, *args]  # the changed flag last: it wins
     if case == "no_resume":  # a finished run in OUT, then a fresh run that would overwrite its checkpoint
