@@ -690,7 +690,7 @@ def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
     if n > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        atomic_write(path / "model.safetensors.index.json", lambda f: f.write(json.dumps(index, indent=2).encode()))
     # Without a window Llama and Mistral are the same network; Mistral's is the one that has the window,
     # Qwen2's the one with q, k, v biases (its window, on some layers only, is not ours).
     if a.qkv_bias and a.sliding_window is not None:
@@ -704,4 +704,4 @@ def save_hf(model, path, *, max_shard_bytes=5 * 2**30, config=None):
            "tie_word_embeddings": a.tie_embeddings, "sliding_window": a.sliding_window,
            "max_position_embeddings": a.max_seq_len, "hidden_act": "silu", "rope_scaling": rope_scaling,
            "torch_dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), **(config or {})}
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write(path / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))

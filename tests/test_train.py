@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import lora
 import model as model_lib
 import nca
 import train
@@ -328,3 +329,59 @@ def test_lora_dropout_changes_training_after_the_first_step(tmp_path):
     _, off = run(tmp_path, *args, out="off")
     _, on = run(tmp_path, *args, "--lora-dropout", "0.5", out="on")
     assert losses(on)[0] == losses(off)[0] and losses(on)[1:] != losses(off)[1:]
+
+
+def test_a_run_that_fails_validation_creates_no_directories(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # the data is checked after the flags, before any file is written
+        run(tmp_path, "--loss", "dpo", out="never")
+    assert "--pairs" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_plot_names_the_file_and_line_of_a_damaged_metrics_log(tmp_path, capsys):
+    run(tmp_path, "--steps", "2", "--no-export")
+    log = tmp_path / "out" / "metrics.jsonl"
+    log.write_text(log.read_text().replace('{"step": 2', '{"step": 2,,', 1))
+    with pytest.raises(SystemExit):
+        train.main(["--plot", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{log}:2: malformed JSON" in err, err
+
+
+class Payload:  # unpickling this would run a shell command; weights_only=True must refuse it, not run it
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.flag}",)
+
+
+@pytest.mark.parametrize("content", ["pickle", "cut", "text"])
+@pytest.mark.parametrize("what", ["adapter", "original checkpoint", "resume"])
+def test_unreadable_torch_files_give_one_line_and_never_run_a_payload(tmp_path, capsys, content, what):
+    flag = tmp_path / "payload-ran"
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3)}, good)
+    bad = {"pickle": lambda: __import__("pickle").dumps({"w": Payload(flag)}),
+           "cut": lambda: good.read_bytes()[:200], "text": lambda: b"not a checkpoint\n"}[content]()
+    if what == "adapter":
+        (tmp_path / "adapter.pt").write_bytes(bad)
+        with pytest.raises(ValueError) as e:
+            lora.load_adapter(tiny(), tmp_path / "adapter.pt")
+        err = str(e.value)
+    elif what == "original checkpoint":
+        (tmp_path / "orig").mkdir()
+        (tmp_path / "orig" / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4,
+                                                                    "vocab_size": 512, "norm_eps": 1e-5}))
+        (tmp_path / "orig" / "consolidated.00.pth").write_bytes(bad)
+        with pytest.raises(ValueError) as e:
+            model_lib.load(tmp_path / "orig")
+        err = str(e.value)
+    else:
+        run(tmp_path, "--steps", "1", "--no-export")
+        (tmp_path / "out" / "ckpt" / "state.pt").write_bytes(bad)
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            run(tmp_path, "--steps", "1", "--no-export", "--resume")
+        err = capsys.readouterr().err
+    assert "\n" not in err.rstrip("\n") and "not a readable" in err and "weights_only" not in err, err
+    assert not flag.exists()
