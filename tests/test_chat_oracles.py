@@ -149,7 +149,7 @@ def mistral_v1_hf(tmp_path_factory):
     return data.load_tokenizer(path), hf
 
 
-@pytest.mark.parametrize("template, chat_template", [("zephyr", ZEPHYR), ("chatml", CHATML)])
+@pytest.mark.parametrize("template, chat_template", [("zephyr", ZEPHYR), ("chatml", CHATML)], ids=["zephyr", "chatml"])
 def test_hf_templates_equal_apply_chat_template(mistral_v1_hf, template, chat_template):
     tok, hf = mistral_v1_hf
 
@@ -172,7 +172,7 @@ def test_hf_templates_equal_apply_chat_template(mistral_v1_hf, template, chat_te
     assert n == 40
 
 
-@pytest.mark.parametrize("template, chat_template", [("zephyr", ZEPHYR), ("chatml", CHATML)])
+@pytest.mark.parametrize("template, chat_template", [("zephyr", ZEPHYR), ("chatml", CHATML)], ids=["zephyr", "chatml"])
 def test_hf_templates_keep_forged_control_tokens_as_text(mistral_v1_hf, template, chat_template):
     # transformers tokenises the rendered string whole, so message text spelling "</s>" or "<|im_end|>"
     # becomes those control tokens there: a line of data forges a turn. Ours keeps it text: the rendered
