@@ -10,7 +10,7 @@ Copies the Apache-2.0 Mistral tokenizer.model v1 / v3 (mistral-common wheel) and
 - sentencepiece (v1, v3),
 - tiktoken's own r50k_base (its pattern, fed the local gpt2.tiktoken through tiktoken's cache: no download),
 - mistral-common's Tekkenizer on tekken_240718.json (if mistral_common imports; the 15 MB file itself
-  is not committed, tests use these ids when NCA_TEKKEN_TOKENIZER points at it).
+  is not committed: tests read it from the installed mistral-common wheel and compare with these ids).
 None of these libraries is used by data.py.
 """
 import argparse

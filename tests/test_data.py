@@ -3,7 +3,6 @@ mistral-common (tests/make_data_fixtures.py), tokenisations worked by hand on sm
 each format, and hand-built batches."""
 import importlib.util
 import json
-import os
 import random
 import re
 import struct
@@ -306,10 +305,15 @@ def test_a_malformed_tiktoken_file_names_the_file_line_and_problem(tmp_path, lin
             data.load_tokenizer(tmp_path / name)
 
 
-@pytest.mark.skipif(not os.environ.get("NCA_LLAMA3_TOKENIZER"),
-                    reason="set NCA_LLAMA3_TOKENIZER=path/to/llama3/tokenizer.model")
+def _wheel_file(package, *path):
+    """A real tokenizer file that ships inside an oracle package's wheel (requirements-test.txt)."""
+    mod = pytest.importorskip(package, reason=f"{package} (it ships the real tokenizer file) is not installed")
+    return Path(mod.__file__).parent.joinpath(*path)
+
+
 def test_real_llama3_tokenizer_gives_metas_ids():
-    tok = data.load_tokenizer(os.environ["NCA_LLAMA3_TOKENIZER"])
+    # the ids that llama-models' own tests expect (llama3/tests/api/test_tokenizer.py)
+    tok = data.load_tokenizer(_wheel_file("llama_models", "llama3", "tokenizer.model"))
     assert [tok.bos_id] + tok.encode("This is a test sentence.") == [128000, 2028, 374, 264, 1296, 11914, 13]
     assert (tok.eos_id, tok.special_ids["<|eot_id|>"], tok.special_ids["<|start_header_id|>"], tok.vocab_size) == \
         (128001, 128009, 128006, 128256)
@@ -397,10 +401,8 @@ def test_a_malformed_tekken_file_names_the_file_and_the_field(tmp_path, change, 
         data.load_tokenizer(path)
 
 
-@pytest.mark.skipif(not os.environ.get("NCA_TEKKEN_TOKENIZER"),
-                    reason="set NCA_TEKKEN_TOKENIZER=path/to/tekken_240718.json")
 def test_real_tekken_gives_mistral_commons_ids():
-    tok = data.load_tokenizer(os.environ["NCA_TEKKEN_TOKENIZER"])
+    tok = data.load_tokenizer(_wheel_file("mistral_common", "data", "tekken_240718.json"))
     assert [tok.bos_id] + tok.encode("This is a test sentence.") == [1, 4380, 1395, 1261, 2688, 19286, 1046]
     assert [tok.encode(t) for t in IDS["texts"]] == IDS["tekken_240718"]
 
@@ -564,6 +566,15 @@ def test_tokenizer_kind_is_detected_from_directory_name_and_content(tmp_path):
     with pytest.raises(ValueError, match=r"junk.model:1: expected 'base64-token rank'"):
         data.load_tokenizer(tmp_path / "junk.model")
 
+
+
+def test_a_recorded_tokenizer_file_must_be_a_file_name_in_the_checkpoint_directory(tmp_path):
+    assert data.recorded_file(tmp_path, "tokenizer.model") == tmp_path / "tokenizer.model"
+    for name in ("..", "../x", "/etc/x", "sub/x", "", ".", "sub\\x", None):  # could name a file elsewhere
+        with pytest.raises(ValueError) as e:
+            data.recorded_file(tmp_path, name)
+        assert str(e.value) == (f"{tmp_path / 'config.json'}: field 'nca_tokenizer': {name!r} is not a file name; "
+                                f"expected 'byte' or the name of a tokenizer file in {tmp_path}")
 
 # ----------------------------------------------------------------------------- templates and batches
 

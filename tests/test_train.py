@@ -260,7 +260,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it"),
     ("dropout_no_lora", "--lora-dropout is dropout on the LoRA"), ("out_is_file", "exists and is not a directory"),
     ("all_tied", "every response has the same reward"), ("resume_metrics", "metrics.jsonl:2: malformed JSON"),
-    ("dpo_alpha_unused", None)])
+    ("dpo_alpha_unused", None), ("init_tokenizer_path", "config.json: field 'nca_tokenizer': '../x' is not a file name")])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     path = write_reward_data(tmp_path / "data.jsonl")
     args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
@@ -268,7 +268,12 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
             "beta": ["--beta", "0"], "steps": ["--steps", "0"], "grad_clip": ["--grad-clip", "-1"],
             "sample": ["--sample", "-1"], "device": ["--device", "foo"], "resume_loss": ["--loss", "infonca"],
             "resume_lora": ["--lora-rank", "8"], "dropout_no_lora": ["--lora-dropout", "0.1"],
-            "out_is_file": ["--out", path], "all_tied": ["--loss", "dpo", "--pairs", "dpo"]}.get(case, [])
+            "out_is_file": ["--out", path], "all_tied": ["--loss", "dpo", "--pairs", "dpo"],
+            "init_tokenizer_path": ["--init", str(tmp_path / "init")]}.get(case, [])
+    if case == "init_tokenizer_path":  # a downloaded checkpoint's config.json must not make us read other files
+        model_lib.save_hf(model_lib.Transformer(model_lib.PRESETS["tiny"]), tmp_path / "init",
+                          config={"nca_tokenizer": "../x"})
+        (tmp_path / "x").write_text("")
     if case == "all_tied":
         Path(path).write_text(Path(path).read_text().replace("[9, 5, 3, 1]", "[2, 2, 2, 2]"))
     if case == "k_mismatch":
