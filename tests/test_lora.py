@@ -286,3 +286,30 @@ def test_quantized_base_is_about_4x_smaller_than_bf16_and_its_lora_model_trains(
     assert 3.7 < bf16_bytes / nf4_bytes <= 16 / 4.25             # 4 bits + a bf16 scale per 64 weights
     losses = train(model, steps=12)
     assert losses[-1] < losses[0] - 0.5, losses                  # nats; starts at ln(vocab_size)
+
+
+class HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads a CPU tensor into a tensor on another device: a host -> device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type != "cpu" for t in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+def test_nf4_lookup_table_moves_with_the_model_and_no_forward_or_backward_copies_from_the_host():
+    # the meta device stands in for a GPU: a CPU tensor read into a meta one is what a host -> device copy is
+    model = lora.quantize_4bit(lora.inject(tiny(), r=2)).to("meta")
+    layer = model.layers[0].attention.wq
+    assert layer.nf4_pairs.device.type == "meta" and "nf4_pairs" not in str(list(model.state_dict()))
+    x = tokens().to("meta")
+    with HostToDevice() as spy:
+        model(x).sum().backward()
+    assert layer.lora_A.grad is not None and spy.copies == []
