@@ -3,3 +3,45 @@ import torch
 # One thread per test process: the tests use small tensors, where a second thread costs more in
 # synchronisation than it gains, and on a busy 2-core machine two threads per process stall.
 torch.set_num_threads(1)
+
+
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: reading a value (item, bool(t),
+    float(t), `if t`: aten._local_scalar_dense; tolist), an output whose size depends on the values (nonzero,
+    masked_select, unique, a boolean index), and torch.equal. On the CPU these cost nothing, which is why
+    the tests count them: a CPU run shows what a CUDA run would wait for. (Not counted: host -> device
+    copies, which a CPU run cannot show.)"""
+    SIZE_FROM_VALUES = ("aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique", "aten.equal",
+                        "aten._local_scalar_dense", "aten.repeat_interleave.Tensor")
+
+    def __enter__(self):
+        self.ops, tolist = [], torch.Tensor.tolist
+        self._tolist = tolist
+
+        def counted(t):
+            self.ops.append("tolist")
+            return tolist(t)
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in tree_leaves(args[1]))
+        if name.startswith(self.SIZE_FROM_VALUES) or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs():
+    return HostSyncs()
