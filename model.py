@@ -256,7 +256,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     if top_p < 1:
         # keep the smallest prefix whose mass reaches top_p (as HF's TopPLogitsWarper): a token goes
         # once the tokens before it already hold top_p, so mass exactly top_p ends the prefix
-        p[p.cumsum(-1) - p >= top_p] = 0
+        p.masked_fill_(p.cumsum(-1) - p >= top_p, 0)  # not p[...] = 0: a boolean index waits for the device
     choice = torch.multinomial(p, 1, generator=generator)  # multinomial renormalises
     return idx.gather(-1, choice)[:, 0]
 
@@ -289,21 +289,29 @@ def generate(model, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, eos_
     cache = [KVCache(L) for _ in model.layers]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.full((B,), max_new_tokens, device=device)  # tokens kept per row (through its EOS)
+    window = model.args.sliding_window
     was_training = model.training
     model.eval()
     try:
         start, end = 0, P  # first call: the whole prompt block; then one slot per step
+        mask = attention_mask(slots[:P], slots[:P], window, keep[:, :P])
         for i in range(max_new_tokens):
-            mask = attention_mask(slots[start:end], slots[:end], model.args.sliding_window, keep[:, :end])
             h = model.hidden(tokens[:, start:end], pos[:, start:end], mask, cache)  # [B, T, d]
             nxt = sample(model.output(h[:, -1]).float(), temperature, top_p, generator)  # [B]
             tokens[:, end] = nxt
             hit = torch.isin(nxt, eos) & ~done
-            n_new[hit] = i + 1
+            n_new = torch.where(hit, i + 1, n_new)
             done |= hit
-            if done.all():
+            # a finished row keeps decoding (what it adds after its EOS is dropped): asking the device whether
+            # every row is done makes the host wait for it, so that is asked every 16 tokens, not every token
+            if i % 16 == 15 and done.all():
                 break
             start, end = end, end + 1
+            # the new token (slot end - 1, never padding) attends every real slot so far: a view of keep,
+            # narrowed to the last `window` slots once the sequence is longer (attention_mask's rule)
+            mask = keep[:, None, None, :end]
+            if window is not None and end > window:
+                mask = mask & (slots[:end] >= end - window)
     finally:
         model.train(was_training)
     return [tokens[b, P:P + n].tolist() for b, n in enumerate(n_new.tolist())]

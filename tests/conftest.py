@@ -1,6 +1,9 @@
 import dataclasses
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import model
 
@@ -14,3 +17,40 @@ def tiny(seed=0, **changes):
     as train.py builds it for --init tiny --seed SEED; `changes` replace ModelArgs fields."""
     torch.manual_seed(seed)
     return model.Transformer(dataclasses.replace(model.PRESETS["tiny"], **changes))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that, on a GPU, make the host wait for the device: reading a value (item, bool(t),
+    float(t), `if t`: aten._local_scalar_dense; tolist), an output whose size depends on the values (nonzero,
+    masked_select, unique, a boolean index), and torch.equal. On the CPU these cost nothing, which is why
+    the tests count them: a CPU run shows what a CUDA run would wait for. (Not counted: host -> device
+    copies, which a CPU run cannot show.)"""
+    SIZE_FROM_VALUES = ("aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique", "aten.equal",
+                        "aten._local_scalar_dense", "aten.repeat_interleave.Tensor")
+
+    def __enter__(self):
+        self.ops, tolist = [], torch.Tensor.tolist
+        self._tolist = tolist
+
+        def counted(t):
+            self.ops.append("tolist")
+            return tolist(t)
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in tree_leaves(args[1]))
+        if name.startswith(self.SIZE_FROM_VALUES) or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_syncs():
+    return HostSyncs()

@@ -313,3 +313,30 @@ def test_qwen2_biases_on_q_k_v_survive_inject_merge_and_nf4():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {f"layers.{i}.attention.{w}.lora_{ab}" for i in range(2) for w in ("wq", "wk", "wv") for ab in "AB"}
     assert "layers.0.attention.wq.bias" in quantized.state_dict()
+
+
+class HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that reads a CPU tensor into a tensor on another device: a host -> device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type != "cpu" for t in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+def test_nf4_lookup_table_moves_with_the_model_and_no_forward_or_backward_copies_from_the_host():
+    # the meta device stands in for a GPU: a CPU tensor read into a meta one is what a host -> device copy is
+    model = lora.quantize_4bit(lora.inject(tiny(), r=2)).to("meta")
+    layer = model.layers[0].attention.wq
+    assert layer.nf4_pairs.device.type == "meta" and "nf4_pairs" not in str(list(model.state_dict()))
+    x = tokens().to("meta")
+    with HostToDevice() as spy:
+        model(x).sum().backward()
+    assert layer.lora_A.grad is not None and spy.copies == []

@@ -476,3 +476,15 @@ def test_meta_params_json_of_llama_3_8b_gives_the_preset():
     args = model._args_from_params(params, "params.json")
     assert args.hidden_dim == 14336
     assert args == dataclasses.replace(PRESETS["llama-3-8b"], max_seq_len=args.max_seq_len)
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=1.0, top_p=0.9)])
+def test_decoding_waits_for_the_device_once_per_16_tokens_not_per_token(host_syncs, sampling):
+    # whether every row is done is asked every 16 tokens; the answer is read (tolist) once, at the end
+    m, prompts = tiny(sliding_window=5), [[5, 9, 3, 7, 1, 2, 8], [4]]
+    for n in (16, 48):
+        with host_syncs:
+            out = generate(m, prompts, max_new_tokens=n, eos_id=[10_000], generator=torch.Generator().manual_seed(0),
+                           **sampling)
+        assert [len(o) for o in out] == [n, n]
+        assert host_syncs.ops == ["aten._local_scalar_dense.default"] * (n // 16) + ["tolist"] * 3, host_syncs.ops

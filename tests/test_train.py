@@ -390,3 +390,31 @@ def test_unreadable_torch_files_give_one_line_and_never_run_a_payload(tmp_path, 
         err = capsys.readouterr().err
     assert "\n" not in err.rstrip("\n") and "not a readable" in err and "weights_only" not in err, err
     assert not flag.exists()
+
+
+def test_metrics_are_reduced_on_the_run_device_which_a_group_without_a_cpu_backend_accepts(monkeypatch):
+    # NCCL serves CUDA tensors only. A gloo group registered for the cuda device type alone refuses CPU
+    # tensors the same way; the meta device stands in for the GPU (c10d ops take meta tensors on any group).
+    import dataclasses
+    import torch.distributed as dist
+    dist.init_process_group("cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.zeros(2, dtype=torch.float64))  # what all_mean reduced before: a CPU tensor
+        reduced, all_reduce = [], dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t: (reduced.append(t), all_reduce(t)))
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: [0.5] * len(t))  # a meta tensor has no values
+        run = dataclasses.make_dataclass("R", ["device", "world"])(torch.device("meta"), 2)
+        assert train.all_mean([torch.tensor(1.0, device="meta"), 2.0, 3], run) == [0.5] * 3  # tensors and numbers
+        assert train.all_mean([2.0, 3], run) == [0.5] * 2  # numbers alone, e.g. evaluate's counts
+        assert [t.device.type for t in reduced] == ["meta", "meta"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sample_with_lora_on_a_bf16_base_prints_before_and_after(tmp_path, capsys):
+    # generation meets the bf16 base and the float32 adapters in one matmul: it runs under autocast
+    run(tmp_path, "--loss", "nca", "--dtype", "bfloat16", "--lora-rank", "4", "--sample", "1", "--steps", "1",
+        "--no-export")
+    lines = capsys.readouterr().out.splitlines()
+    assert [l[:8] for l in lines if l.startswith("[")] == ["[before]", "[after] "], lines
