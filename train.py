@@ -98,9 +98,13 @@ def parse_args(argv):
     a("--sample", type=int, default=0, help="print greedy generations for N held-out prompts before and after")
     a("--export", action=argparse.BooleanOptionalAction, default=True, help="write OUT/final (HF layout)")
     a("--plot", metavar="OUT", help="only redraw OUT/curves.png from OUT/metrics.jsonl")
+    a("--plan", action="store_true", help="load no weights: print the per-GPU memory these flags need and exit")
+    a("--k", type=int, help="--plan without --data: responses per prompt")
+    a("--nproc", type=int, default=1, help="--plan: processes (GPUs) under torchrun")
+    a("--gpu-memory", type=float, help="--plan: GiB per GPU, to say whether the run fits")
     args = p.parse_args(argv)
-    if args.plot is None and args.data is None:
-        raise ValueError("--data is required (or run `python train.py` alone for the demo)")
+    if args.plot is None and args.data is None and not (args.plan and args.k):
+        raise ValueError("--data is required (or run `python train.py` alone for the demo; --plan takes --k instead)")
     if args.quantize == "4bit" and args.lora_rank == 0:
         raise ValueError("--quantize 4bit quantizes the frozen base under LoRA adapters: add --lora-rank")
     if args.lora_dropout and not args.lora_rank:
@@ -110,8 +114,8 @@ def parse_args(argv):
     # here, not where first used: a bad --beta would otherwise stop the run only after the reference
     # log-probs of the whole data set are computed. alpha / beta and the LoRA numbers have their owners.
     for names, low, ok in ((("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_every", "eval_every",
-                             "steps"), ">= 1", lambda v: v >= 1),
-                           (("lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample"), ">= 0",
+                             "steps", "k", "nproc"), ">= 1", lambda v: v >= 1),
+                           (("lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample", "gpu_memory"), ">= 0",
                             lambda v: v >= 0)):
         for name in names:
             v = getattr(args, name)
@@ -363,6 +367,135 @@ def shard(model, run):
     fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "hidden")  # training calls model.hidden, not forward
     return model
+
+
+# ----------------------------------------------------------------------------- plan: memory before renting a GPU
+
+def init_args(init_dir, init):
+    """The ModelArgs of --init from its config alone: no tensor is read."""
+    if init_dir is None:
+        return model_lib.PRESETS[init]
+    if (init_dir / "config.json").is_file():
+        return model_lib._args_from_hf(model_lib.read_json(init_dir / "config.json"), init_dir / "config.json")
+    if (init_dir / "params.json").is_file():
+        return model_lib._args_from_params(model_lib.read_json(init_dir / "params.json"), init_dir / "params.json")
+    raise ValueError(f"--init {init_dir}: not a checkpoint directory (no config.json, no params.json)")
+
+
+def activation_bytes(a, *, tokens, scored, full, adapted, rank, dropout, r, c, checkpointing):
+    """Bytes autograd keeps for backward after the forward of `tokens` positions, `scored` of them response
+    tokens, counted tensor by tensor from what each op of model.py / nca.py / lora.py saves. PyTorch saves an
+    op's input only when a gradient needs it: x W^T keeps x only if W trains (full fine-tuning) or an adapter
+    reads x; x * cos keeps nothing of x (cos is a constant). r: bytes per element of the residual stream (the
+    parameters' dtype at compute), c: of the autocast dtype; norms compute in float32 (4 bytes).
+    full: every weight trains; adapted: the LoRA targets (short names, lora.TARGETS) of rank `rank`."""
+    d, F, H = a.dim, a.hidden_dim, a.n_heads
+    hd = a.head_dim or d // H
+    q, kv = H * hd, a.n_kv_heads * hd
+
+    def norm():  # x.float() [4d] kept by pow and mul, rsqrt [4]; the normed x [r d] only if the norm weight trains
+        return 4 * d + 4 + (r * d if full else 0)
+
+    def inputs(width, nbytes, readers):  # the input of linears `readers`, kept once, or cast once per linear
+        keep = [t for t in readers if full or t in adapted and not dropout]  # with dropout, A reads x' instead
+        return 0 if not keep else width * c if nbytes == c else len(keep) * width * c
+
+    def adapters(readers, width, grad_in=True):  # u = A x [c rank] for B's gradient; with dropout x' = x * mask
+        n = len([t for t in readers if t in adapted])  # [r] for A's gradient and the mask [r on CPU, 1 on CUDA]
+        return n * (c * rank + (width * r * (1 + grad_in) if dropout else 0))
+
+    def layer(first):
+        # under LoRA nothing before block 0's attention needs a gradient (the embedding is frozen): its norm and
+        # its dropout masks keep nothing
+        return ((0 if first and not full else norm()) + inputs(d, r, "qkv") + adapters("qkv", d, not first or full)
+                + c * (q + 2 * kv) + c * q + 4 * H  # SDPA keeps q, k, v, its output (= wo's input) and logsumexp
+                + adapters("o", q)
+                + norm() + inputs(d, r, ["gate", "up"]) + adapters(["gate", "up"], d)
+                + 2 * c * F + c * F                  # silu keeps w1 x; the product keeps silu(w1 x) and w3 x
+                + inputs(F, c, ["down"]) + adapters(["down"], F))  # w2's input, the product
+
+    head = (8 if full else 0) + norm()           # the embedding keeps the token ids; the final norm
+    per_scored = 32 + 4 * d + (c * d if full else 0)  # indices, lse, d logp / d h [4d]; h for the head's gradient
+    blocks = (layer(True) + (a.n_layers - 1) * layer(False)) * tokens
+    if checkpointing:  # each block keeps its input; backward recomputes one block at a time
+        blocks = (a.n_layers * r * d + layer(False)) * tokens
+    return blocks + head * tokens + per_scored * scored
+
+
+def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_mode, ref, batch, K, length,
+                checkpointing, tile):
+    """Per-GPU bytes of a training run (see print_plan). The model is built on the meta device: shapes only."""
+    with torch.device("meta"):
+        m = model_lib.Transformer(a)
+    P = sum(p.numel() for p in m.parameters())
+    c = dtype.itemsize
+    full = lora_rank == 0
+    base = torch.float32 if full else dtype  # what build_model stores: float32 master weights under full FT
+    adapted = set(targets.split(",")) if lora_rank else set()
+    if lora_rank:
+        lora.inject(m, targets, lora_rank, 2.0 * lora_rank)
+    A = sum(p.numel() for p in m.parameters() if p.requires_grad) if lora_rank else 0
+    trainable = P if full else A
+    matmul_weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear)) if full else A
+    # NF4: 4 bits per weight + a bf16 absmax per block of 64 (lora.quantize_nf4) for the adapted linears
+    q_numel = sum(mod.weight.numel() for mod in lora.lora_modules(m).values()) if quantize == "4bit" else 0
+    weights = (P - q_numel) * base.itemsize + q_numel // 2 + math.ceil(q_numel / 64) * 2
+    shard = world if world > 1 and dist_mode == "fsdp" else 1
+    layer_params = sum(p.numel() for p in m.layers[0].parameters())
+    r = dtype.itemsize if world > 1 else base.itemsize  # FSDP's param_dtype casts the weights to the compute dtype
+    N = batch * K * (length - 1)  # every sequence padded to --max-length: the worst case
+    act = {ck: activation_bytes(a, tokens=N, scored=N, full=full, adapted=adapted, rank=lora_rank, dropout=dropout,
+                                r=r, c=c, checkpointing=ck) for ck in (False, True)}
+    rows, cols = min(tile[0], N), min(tile[1], a.vocab_size)
+    # forward: the float32 logits tile, its cast for e @ W, the running p @ W; backward (head trains): the
+    # same tile, g h [N, d] and dW in float32 then cast
+    workspace = rows * cols * (4 + c) + rows * a.dim * 4 + (N * a.dim * 4 + a.vocab_size * a.dim * (4 + c) if full else 0)
+    out = {
+        "weights": weights // shard,
+        "adapters (float32)": A * 4 // shard,
+        "gradients (float32)": trainable * 4 // shard,
+        "AdamW states (2 x float32)": trainable * 8 // shard,
+        # autocast casts each float32 weight a matmul reads (not the embedding's, not the norms') to the compute
+        # dtype and keeps the copy until backward; FSDP's mixed precision instead gathers each block in the
+        # compute dtype, two blocks at a time (the one computing and the one prefetched)
+        "weight copies (autocast / FSDP gather)": (2 * layer_params * c if world > 1 else
+                                                   matmul_weights * c if c != 4 else 0),
+        "frozen reference copy (--ref copy)": weights // shard if ref == "copy" else 0,
+        "activations (no --checkpointing)": act[False],
+        "activations (--checkpointing)": act[True],
+        "log-prob workspace (nca.TILE)": workspace,
+    }
+    fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
+    out["peak in training"] = fixed + act[checkpointing]
+    # load: build_model puts the whole base (in its stored dtype) on every GPU, then shards it or quantises it
+    # layer by layer
+    out["peak at load"] = P * base.itemsize + A * 4
+    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
+    biggest = max(p.numel() for p in m.parameters())
+    out["peak at export (host)"] = P * base.itemsize + biggest * 4
+    return out
+
+
+def print_plan(args):
+    """--plan: what a run with these flags needs per GPU, from the model's config alone."""
+    init_dir = resolve_init(args.init)
+    a = init_args(init_dir, args.init)
+    K = args.k or len(prepare_examples(args.data, args, "--data")[0].responses)  # one K for all (prepare_examples)
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16  # on CUDA auto means bf16
+    ref = "none" if args.loss == "sft" else args.ref if args.ref != "auto" else "adapters" if args.lora_rank else "precompute"
+    plan = memory_plan(a, lora_rank=args.lora_rank, targets=args.lora_targets, dropout=args.lora_dropout,
+                       quantize=args.quantize, dtype=dtype, world=args.nproc, dist_mode=args.dist, ref=ref,
+                       batch=args.batch_size, K=K, length=args.max_length, checkpointing=args.checkpointing,
+                       tile=nca.TILE["cuda"])
+    print(f"--init {args.init}: {a}\nper GPU, {args.nproc} process(es), --batch-size {args.batch_size} x K = {K} "
+          f"sequences of --max-length {args.max_length} tokens, {dtype}:")
+    for k, v in plan.items():
+        print(f"  {k:42s} {v / 2**30:9.2f} GiB")
+    if args.gpu_memory:
+        need = max(plan["peak in training"], plan["peak at load"])
+        print(f"{'fits' if need <= args.gpu_memory * 2**30 else 'does NOT fit'} in --gpu-memory {args.gpu_memory:g} GiB "
+              f"(needs {need / 2**30:.2f} GiB; the CUDA context and the allocator's slack, ~1 GiB, not counted)")
+    return plan
 
 
 # ----------------------------------------------------------------------------- the reference policy mu
@@ -757,6 +890,8 @@ def main(argv=None):
         if args.plot:
             plot_curves(args.plot)
             return {}
+        if args.plan:
+            return print_plan(args)
         return train(args)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, a failed write, a blow-up: one line
         print(f"error: {e}", file=sys.stderr)

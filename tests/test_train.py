@@ -12,6 +12,7 @@ import torch
 import data
 import lora
 import model as model_lib
+import lora
 import nca
 import train
 from conftest import tiny
@@ -418,3 +419,83 @@ def test_sample_with_lora_on_a_bf16_base_prints_before_and_after(tmp_path, capsy
         "--no-export")
     lines = capsys.readouterr().out.splitlines()
     assert [l[:8] for l in lines if l.startswith("[")] == ["[before]", "[after] "], lines
+
+
+def saved_for_backward(fn, dtype, *exclude):
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs, those of `exclude`
+    (parameters, buffers) left out: the activation memory of a forward, measured by
+    torch.autograd.graph.saved_tensors_hooks (autocast's cast copies of float32 weights included)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("targets, rank, dropout, dtype, checkpointing", [
+    ("", 0, 0.0, torch.float32, False), ("", 0, 0.0, torch.bfloat16, False),
+    ("q,k,v,o,gate,up,down", 4, 0.0, torch.bfloat16, False), ("q,v,down", 8, 0.5, torch.float32, False),
+    ("q,k,v,o,gate,up,down", 4, 0.0, torch.bfloat16, True), ("", 0, 0.0, torch.float32, True)])
+def test_plan_activation_estimate_matches_the_bytes_saved_for_backward(targets, rank, dropout, dtype, checkpointing):
+    a = model_lib.PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = model_lib.Transformer(a)
+    if rank:  # as build_model: the base in the compute dtype, float32 adapters
+        model = model.to(dtype)
+        lora.inject(model, targets, rank, 2.0 * rank, dropout)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    model.checkpoint_activations = checkpointing
+    B, T = 16, 33
+    tokens, mask = torch.randint(0, a.vocab_size, (B, T)), torch.rand(B, T) < 0.7
+    weights = [*model.parameters(), *model.buffers()]
+    measured = saved_for_backward(lambda: nca.batch_logps(model, tokens, mask), dtype, *weights)
+    if checkpointing:  # the hooks see each block's input that checkpoint keeps; add what backward recomputes of
+        # one block (block 1: no frozen embedding before it), its input excluded (counted already)
+        x = torch.randn(B, T - 1, a.dim, dtype=dtype if rank else torch.float32, requires_grad=True)
+        cos, sin = model_lib.rope(torch.arange(T - 1)[None], a.dim // a.n_heads, a.rope_theta)
+        measured += saved_for_backward(lambda: model.layers[1](x, cos, sin, None), dtype, x, cos, sin, *weights)
+    plan = train.memory_plan(a, lora_rank=rank, targets=targets or "q", dropout=dropout, quantize="none",
+                             dtype=dtype, world=1, dist_mode="fsdp", ref="adapters", batch=B, K=1, length=T,
+                             checkpointing=checkpointing, tile=nca.TILE["cpu"])
+    estimate = train.activation_bytes(a, tokens=B * (T - 1), scored=int(mask[:, 1:].sum()), full=not rank,
+                                      adapted=set(targets.split(",")) if rank else set(), rank=rank, dropout=dropout,
+                                      r=dtype.itemsize if rank else 4, c=dtype.itemsize, checkpointing=checkpointing)
+    assert plan["activations (--checkpointing)"] < plan["activations (no --checkpointing)"] / 1.5
+    estimate += plan["weight copies (autocast / FSDP gather)"]
+    assert estimate == pytest.approx(measured, rel=0.05), (estimate, measured)
+
+
+def test_plan_at_the_real_7b_shapes_loads_no_weights(tmp_path, monkeypatch, capsys):
+    a = model_lib.PRESETS["mistral-7b"]
+    kw = dict(targets="q,k,v,o,gate,up,down", dropout=0.0, dtype=torch.bfloat16, dist_mode="fsdp", ref="adapters",
+              batch=1, K=4, length=1024, checkpointing=True, tile=nca.TILE["cuda"])
+    with torch.device("meta"):
+        m = lora.inject(model_lib.Transformer(a), kw["targets"], 16, 32.0)
+    trainable, total = lora.count_parameters(m)
+    assert total - trainable == 7_241_732_096  # Mistral 7B's parameter count
+    p = train.memory_plan(a, lora_rank=16, quantize="none", world=1, **kw)
+    assert p["weights"] == 7_241_732_096 * 2 and p["adapters (float32)"] == trainable * 4
+    assert p["gradients (float32)"] == trainable * 4 and p["AdamW states (2 x float32)"] == trainable * 8
+    nf4 = train.memory_plan(a, lora_rank=16, quantize="4bit", world=1, **kw)
+    linears = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # the adapted projections: 4.5 bits each
+    assert nf4["weights"] == (7_241_732_096 - linears) * 2 + linears // 2 + linears // 64 * 2
+    full = train.memory_plan(a, lora_rank=0, quantize="none", world=8, **kw)  # float32 master weights, sharded
+    assert full["weights"] == full["gradients (float32)"] == 7_241_732_096 * 4 // 8
+    # the command: nothing loaded (monkeypatched away), K from --k, and the verdict against --gpu-memory
+    monkeypatch.setattr(model_lib, "load", lambda *a, **k: pytest.fail("--plan loaded weights"))
+    out = tmp_path / "init"
+    model_lib.save_hf(model_lib.Transformer(model_lib.PRESETS["tiny"]), out)
+    for init, gib, verdict in (("mistral-7b", "24", "fits"), ("mistral-7b", "12", "does NOT fit"), (str(out), "1", "fits")):
+        capsys.readouterr()
+        train.main(["--plan", "--init", init, "--lora-rank", "16", "--k", "4", "--batch-size", "1", "--max-length",
+                    "1024", "--checkpointing", "--gpu-memory", gib])
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"{verdict} in --gpu-memory {gib} GiB")
