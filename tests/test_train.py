@@ -12,7 +12,6 @@ import torch
 import data
 import lora
 import model as model_lib
-import lora
 import nca
 import train
 from conftest import tiny
