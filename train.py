@@ -102,7 +102,11 @@ def parse_args(argv):
     a("--k", type=int, help="--plan without --data: responses per prompt")
     a("--nproc", type=int, default=1, help="--plan: processes (GPUs) under torchrun")
     a("--gpu-memory", type=float, help="--plan: GiB per GPU, to say whether the run fits")
-    args = p.parse_args(argv)
+    return check_flags(p.parse_args(argv))
+
+
+def check_flags(args):
+    """Flags that parse but cannot work together, or numbers out of range: one line each, before any work."""
     if args.plot is None and args.data is None and not (args.plan and args.k):
         raise ValueError("--data is required (or run `python train.py` alone for the demo; --plan takes --k instead)")
     if args.quantize == "4bit" and args.lora_rank == 0:
