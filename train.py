@@ -811,15 +811,25 @@ def final_model(run, model):
 
 def export_final(run, model, path):
     """HF layout via model.save_hf, plus the tokenizer (copied if it is a file) and template in config.json,
-    so the next stage (evaluation, a second round) can load model and tokenizer from this one directory."""
+    so the next stage (evaluation, a second round) can load model and tokenizer from this one directory.
+    Written beside it and swapped in whole: a failed export leaves an earlier OUT/final as it was."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     spec = run.tokenizer
-    if spec != "byte":
-        src = Path(spec)
-        src = src if src.is_file() else data.tokenizer_file(src)
-        path.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, path / src.name)
-        spec = src.name
-    model_lib.save_hf(model, path, config={"nca_tokenizer": spec, "nca_template": run.template})
+    try:
+        if spec != "byte":
+            src = Path(spec)
+            src = src if src.is_file() else data.tokenizer_file(src)
+            tmp.mkdir(parents=True, exist_ok=True)
+            model_lib.atomic_write(tmp / src.name, lambda f: f.write(src.read_bytes()))
+            spec = src.name
+        model_lib.save_hf(model, tmp, config={"nca_tokenizer": spec, "nca_template": run.template})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"exported {path} (Hugging Face layout)")
 
 

@@ -498,3 +498,25 @@ def test_plan_at_the_real_7b_shapes_loads_no_weights(tmp_path, monkeypatch, caps
         train.main(["--plan", "--init", init, "--lora-rank", "16", "--k", "4", "--batch-size", "1", "--max-length",
                     "1024", "--checkpointing", "--gpu-memory", gib])
         assert capsys.readouterr().out.splitlines()[-1].startswith(f"{verdict} in --gpu-memory {gib} GiB")
+
+
+def test_an_out_that_cannot_be_created_is_one_line_and_a_failed_export_keeps_the_earlier_final(tmp_path, capsys,
+                                                                                               monkeypatch):
+    path = write_reward_data(tmp_path / "data.jsonl")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # its parent is a file: mkdir fails
+        run(tmp_path, "--steps", "1", out="data.jsonl/out", data_file=path)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create" in err and "data.jsonl/out" in err, err
+    run(tmp_path, "--steps", "1", out="a")
+    final = tmp_path / "a" / "final"
+    before = {f.name: f.read_bytes() for f in final.iterdir()}
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(model_lib, "write_safetensors", disk_full)
+    with pytest.raises(SystemExit):  # resuming the finished run exports again, and that export fails
+        run(tmp_path, "--steps", "1", "--resume", out="a")
+    assert "No space left on device" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in final.iterdir()} == before
+    assert sorted(f.name for f in final.parent.iterdir()) == ["ckpt", "curves.png", "final", "metrics.jsonl"]
