@@ -55,10 +55,15 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     The absmax scale is kept in bf16 (0.25 bit per weight); QLoRA double-quantises it to 8 bits
     (0.127 bit), a further 3% we skip for simplicity: 16 / 4.25 = 3.8x smaller than bf16.
     """
-    flat = w.detach().float().reshape(-1)
-    blocks = F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)  # [n_blocks, block_size]
-    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
-    x = blocks / absmax.float()[:, None]                                      # in [-1, 1] (up to bf16 rounding)
+    # one float32 copy of w, scaled in place, and the int32 codes: quantising a weight as it is loaded needs
+    # 8 bytes per number beyond it, less than a layer in float32 (train.py --quantize 4bit's load peak)
+    flat = w.detach().to(torch.float32, copy=True).reshape(-1)
+    if flat.numel() % block_size:
+        flat = F.pad(flat, (0, -flat.numel() % block_size))
+    blocks = flat.view(-1, block_size)                                        # [n_blocks, block_size]
+    absmax = torch.linalg.vector_norm(blocks, math.inf, dim=1)                # max |w| of each block
+    absmax = absmax.clamp_min(torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+    x = blocks.div_(absmax.float()[:, None])                                  # in [-1, 1] (up to bf16 rounding)
     levels = NF4.to(w.device)
     codes = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2, out_int32=True).to(torch.uint8).view(-1)  # nearest level
     return codes[0::2] << 4 | codes[1::2], absmax
@@ -313,19 +318,49 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
 
 
+def _check_block_size(block_size, what):
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+        raise ValueError(f"{what}: block_size must be a positive even number, got {block_size}")
+
+
+def _quantize(m: LoRALinear, w: torch.Tensor, block_size: int):
+    m.weight_nf4, m.weight_absmax = quantize_nf4(w, block_size)
+    # the 2 KiB lookup table lives with the codes and moves with the module (.to, .cuda): dequantising
+    # copies nothing from the host. Not persistent: state dicts stay the same; a module made with
+    # to_empty() must refill it (NF4_PAIRS).
+    m.nf4_pairs = NF4_PAIRS.to(m.weight_nf4.device)
+    m.weight = None                          # drop the 16-bit tensor: that is the memory saving
+
+
 @torch.no_grad()
 def quantize_4bit(model: nn.Module, block_size: int = 64) -> nn.Module:
     """Replace the frozen base weight of every LoRALinear by NF4 codes + per-block absmax (QLoRA §3)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
-        raise ValueError(f"quantize_4bit(): block_size must be a positive even number, got {block_size}")
+    _check_block_size(block_size, "quantize_4bit()")
     for name, m in _modules_or_raise(model, "quantize_4bit()").items():
         if m.merged:
             raise ValueError(f"quantize_4bit(): {name} is merged; call lora.unmerge(model) first")
         if m.weight_nf4 is None:
-            m.weight_nf4, m.weight_absmax = quantize_nf4(m.weight, block_size)
-            # the 2 KiB lookup table lives with the codes and moves with the module (.to, .cuda): dequantising
-            # copies nothing from the host. Not persistent: state dicts stay the same; a module made with
-            # to_empty() must refill it (NF4_PAIRS).
-            m.nf4_pairs = NF4_PAIRS.to(m.weight_nf4.device)
-            m.weight = None                  # drop the 16-bit tensor: that is the memory saving
+            _quantize(m, m.weight, block_size)
     return model
+
+
+def qlora(targets=tuple(TARGETS), r: int = 16, alpha: float = 32.0, dropout: float = 0.0, block_size: int = 64):
+    """The `prepare` of model.load / model.build for QLoRA: the adapters are injected while the model is
+    still shapes only (meta device), then each adapted weight is quantised the moment it reaches the device
+    and its 16-bit copy dropped. Loading holds the NF4 model plus one weight in flight, never the 16-bit
+    base (7B: about 4 GiB, not 14). The model equals inject(...) then quantize_4bit(...) on the loaded one."""
+    check(r, alpha, dropout, targets)
+    _check_block_size(block_size, "qlora()")
+
+    def prepare(model):
+        mods = lora_modules(inject(model, targets, r, alpha, dropout))
+
+        @torch.no_grad()
+        def transform(name, t):
+            m = mods.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+            if m is None:
+                return t
+            _quantize(m, t, block_size)
+            return None
+        return transform
+    return prepare

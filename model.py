@@ -6,6 +6,7 @@ Hugging Face layout and Meta's / Mistral's original layout).
 Parameter names are Meta's, so they ARE the state-dict keys of the original checkpoints
 (`layers.0.attention.wq.weight`); the Hugging Face names are mapped in `_hf_name`.
 """
+import copy
 import json
 import math
 import mmap
@@ -180,6 +181,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _init(m):
+    """N(0, 0.02) weights and zero biases as GPT-2 / HF (nn's defaults suit neither); an RMSNorm scales by 1."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, RMSNorm):
+        nn.init.ones_(m.weight)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -189,11 +200,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        for m in self.modules():  # N(0, 0.02) and zero biases as GPT-2 / HF; nn's defaults suit neither
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            _init(m)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
             # load_state_dict(assign=True) puts in new Parameter objects: tie them again after every load
@@ -617,10 +625,11 @@ def _read_original(path):
     return args, {name: (t, file) for name, t in tensors.items()}
 
 
-def load(path, *, device="cpu", dtype=None):
+def load(path, *, device="cpu", dtype=None, prepare=None):
     """A checkpoint directory, HF layout (config.json) or original layout (params.json) -> Transformer.
-    Built on the meta device, then the (mmap'd) tensors are assigned: one copy in memory, none if they
-    already have the requested device and dtype (default: the embedding's dtype in the file)."""
+    Built on the meta device, then each (mmap'd) tensor is moved to the device and assigned, one at a time:
+    one copy in memory, none if it already has the requested device and dtype (default: the embedding's
+    dtype in the file). prepare: see _fill (lora.qlora quantises each weight as it is read)."""
     path = Path(path)
     if (path / "config.json").is_file():
         (args, found), hf = _read_hf(path), True
@@ -647,17 +656,67 @@ def load(path, *, device="cpu", dtype=None):
         if t.shape != shapes[n] or not t.is_floating_point():
             raise ValueError(f"{file}: tensor {key!r} is {t.dtype} {list(t.shape)}, the config needs a floating "
                              f"point tensor of shape {list(shapes[n])}")
-        if hf and n.endswith(("wq.weight", "wk.weight", "wq.bias", "wk.bias")):
-            t = _rope_permute(t, args.n_heads if "wq" in n else args.n_kv_heads, to_hf=False)
         state[n] = t
     missing = [key for key, n in ours.items() if n not in state]
     if missing:
         raise ValueError(f"{path}: missing {len(missing)} tensor(s) the config needs: {missing[:4]}")
     dtype = dtype or state["tok_embeddings.weight"].dtype
-    state = {n: t.to(device=device, dtype=dtype) for n, t in state.items()}
-    if args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, assign=True)
+
+    def tensors():
+        for n, t in state.items():
+            t = t.to(device=device, dtype=dtype)
+            if hf and n.endswith(("wq.weight", "wk.weight", "wq.bias", "wk.bias")):  # on the device: no host copy
+                t = _rope_permute(t, args.n_heads if "wq" in n else args.n_kv_heads, to_hf=False)
+            yield n, t
+    return _fill(model.to(dtype), tensors(), device, prepare)
+
+
+def build(args, *, device="cpu", dtype=torch.float32, prepare=None):
+    """Transformer(args) with its random init from torch's generator, made on the device one module at a time:
+    the same numbers as `with torch.device(device): Transformer(args).to(dtype)`, never the model in float32.
+    prepare: see _fill."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    plain = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding, RMSNorm))]
+
+    def tensors():  # `plain` keeps the modules themselves: prepare may wrap them (LoRA) before this runs
+        # Transformer.__init__ draws nn's own init of every module as it builds it, then draws _init's over
+        # it: draw the first on a scratch copy and drop it, so the generator is where __init__ leaves it...
+        for _, m in plain:
+            if hasattr(m, "reset_parameters"):
+                copy.deepcopy(m).float().to_empty(device=device).reset_parameters()
+        for name, m in plain:  # ...then _init's, in float32 as __init__, cast to dtype as .to(dtype)
+            m = copy.deepcopy(m).float().to_empty(device=device)
+            _init(m)
+            for p, t in m.named_parameters():
+                if not (args.tie_embeddings and name == "output"):  # drawn, then replaced by the tie, as in __init__
+                    yield f"{name}.{p}", t.detach().to(dtype)
+    return _fill(model, tensors(), device, prepare)
+
+
+def _fill(model, tensors, device, prepare=None):
+    """Give a meta-device model its tensors one at a time: `tensors` yields (name, tensor on the device), and
+    each replaces the parameter of that name as it comes, so only one is ever in flight.
+    prepare(model), if given, first changes the model while it is still shapes only (lora.qlora injects
+    adapters) and returns transform(name, tensor): what to assign in its place, or None where transform
+    stored it itself (lora.qlora: as 4-bit codes). Parameters that no tensor fills (the adapters) are then
+    allocated on the device and set by their module's reset_parameters(), in module order: the meta-device
+    idiom of PyTorch, and the order in which building the model and then adding them would draw them."""
+    transform = prepare(model) if prepare else None
+    for name, t in tensors:
+        if transform is not None:
+            t = transform(name, t)
+        if t is not None:
+            module, attr = name.rsplit(".", 1)
+            m = model.get_submodule(module)
+            setattr(m, attr, nn.Parameter(t, requires_grad=getattr(m, attr).requires_grad))
+    if model.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    for m in model.modules():
+        if left := [(n, p) for n, p in m.named_parameters(recurse=False) if p.is_meta]:
+            for n, p in left:
+                setattr(m, n, nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad))
+            m.reset_parameters()
     return model
 
 

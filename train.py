@@ -316,18 +316,21 @@ def tokenizer_spec(args, init_dir):
     return spec, args.template or cfg.get("nca_template", "none")
 
 
-def load_base(run, device, dtype):
-    """The model --init describes: a checkpoint (model.load) or a preset with a seeded random init."""
+def load_base(run, device, dtype, prepare=None):
+    """The model --init describes: a checkpoint (model.load) or a preset with a seeded random init (model.build),
+    made one tensor at a time; prepare: see model._fill."""
     torch.manual_seed(run.seed)  # every rank builds the same random model and the same LoRA init after it
     if run.init_dir is not None:
-        return model_lib.load(run.init_dir, device=device, dtype=dtype)
-    with torch.device(device):
-        return model_lib.Transformer(model_lib.PRESETS[run.init]).to(dtype)
+        return model_lib.load(run.init_dir, device=device, dtype=dtype, prepare=prepare)
+    return model_lib.build(model_lib.PRESETS[run.init], device=device, dtype=dtype, prepare=prepare)
 
 
 def build_model(run, tok):
-    """(policy, frozen copy of the initial model or None): the base, a copy for --ref copy, then adapters."""
-    model = load_base(run, run.device, run.base_dtype)
+    """(policy, frozen copy of the initial model or None): the base, a copy for --ref copy, then adapters.
+    QLoRA injects them first and quantises each weight as it is read: the 16-bit base never is whole."""
+    qlora = lora.qlora(run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout) \
+        if run.quantize == "4bit" else None
+    model = load_base(run, run.device, run.base_dtype, qlora)
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"tokenizer {run.tokenizer} has {tok.vocab_size} tokens, the model's vocabulary "
                          f"only {model.args.vocab_size}")
@@ -335,12 +338,11 @@ def build_model(run, tok):
         raise ValueError(f"--max-length {run.max_length} exceeds the model's max_seq_len {model.args.max_seq_len}")
     frozen = copy.deepcopy(model).requires_grad_(False) if run.ref == "copy" else None
     if run.lora_rank:
-        lora.inject(model, run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout)
+        if qlora is None:
+            lora.inject(model, run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # adapters train in float32 even on a bf16 base (AdamW needs the bits)
-        if run.quantize == "4bit":
-            lora.quantize_4bit(model)
     model.checkpoint_activations = run.checkpointing
     return model, frozen
 
@@ -471,11 +473,12 @@ def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_
     }
     fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
     out["peak in training"] = fixed + act[checkpointing]
-    # load: build_model puts the whole base (in its stored dtype) on every GPU, then shards it or quantises it
-    # layer by layer
-    out["peak at load"] = P * base.itemsize + A * 4
-    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
+    # load: build_model puts the whole base (in its stored dtype) on every GPU, then shards it; under --quantize
+    # 4bit the 16-bit base is never whole (lora.qlora): the NF4 weights plus one tensor in flight, at most a
+    # preset's float32 draw, its cast, and quantize_nf4's float32 copy and int32 codes
     biggest = max(p.numel() for p in m.parameters())
+    out["peak at load"] = (weights + biggest * (12 + c) if quantize == "4bit" else P * base.itemsize) + A * 4
+    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
     out["peak at export (host)"] = P * base.itemsize + biggest * 4
     return out
 

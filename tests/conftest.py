@@ -1,4 +1,5 @@
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -54,3 +55,29 @@ class HostSyncs(TorchDispatchMode):
 @pytest.fixture
 def host_syncs():
     return HostSyncs()
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak, over the ops run inside it, of the bytes held by tensor storages that those ops allocated and
+    that are still alive: what a GPU's allocator would report as memory allocated. A storage counts from the
+    op that creates it (a view, an in-place op or a memory-mapped file allocates nothing) until the last
+    tensor on it dies: weakrefs to the storage objects, which live exactly as long as their memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.peak = {}, 0
+
+    def now(self):
+        self.storages = {p: (ref, n) for p, (ref, n) in self.storages.items() if ref() is not None}
+        return sum(n for _, n in self.storages.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                if s.data_ptr() not in inputs and s.nbytes():
+                    self.storages[s.data_ptr()] = (weakref.ref(s), s.nbytes())
+        self.peak = max(self.peak, self.now())
+        return out

@@ -1,11 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from model import PRESETS
-from conftest import tiny
+from model import PRESETS, Transformer, build, load, save_hf
+from conftest import LiveBytes, tiny
 
 ARGS = PRESETS["tiny"]
 
@@ -340,3 +342,47 @@ def test_nf4_lookup_table_moves_with_the_model_and_no_forward_or_backward_copies
     with HostToDevice() as spy:
         model(x).sum().backward()
     assert layer.lora_A.grad is not None and spy.copies == []
+
+
+# ----------------------------------------------------------------------------- QLoRA at load time
+
+# six blocks of a small vocabulary: the blocks are most of the model, as in a 7B, so holding them whole in
+# 16 bits and holding them as NF4 plus one block in flight differ by more than a block
+QARGS = dataclasses.replace(ARGS, n_layers=6, vocab_size=128, qkv_bias=True)
+
+
+@pytest.mark.parametrize("init", ["checkpoint", "preset"])
+def test_qlora_quantises_each_weight_as_it_arrives_into_the_model_that_loading_then_quantising_gives(tmp_path, init):
+    if init == "checkpoint":  # float32 in the file, loaded as bf16: every tensor is copied, as onto a GPU
+        save_hf(tiny(**dataclasses.asdict(QARGS)), tmp_path)
+
+        def make(prepare=None):
+            torch.manual_seed(1)  # train.py's load_base: the seed, then the base, then LoRA's draws
+            return load(tmp_path, dtype=torch.bfloat16, prepare=prepare)
+        old = make
+    else:
+        def make(prepare=None):
+            torch.manual_seed(1)
+            return build(QARGS, dtype=torch.bfloat16, prepare=prepare)
+
+        def old():  # what train.py did: the whole preset in float32 on the device, then cast
+            torch.manual_seed(1)
+            return Transformer(QARGS).to(torch.bfloat16)
+    with LiveBytes() as before:
+        want = lora.quantize_4bit(lora.inject(old(), r=4, alpha=8.0))
+    with LiveBytes() as after:
+        got = make(lora.qlora(r=4, alpha=8.0))
+        held = after.now()  # the NF4 model as loaded: codes, scales, adapters, the unquantised tensors
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+    assert got.layers[0].attention.wq.weight is None and got.layers[0].attention.wq.nf4_pairs is not None
+    assert {n for n, p in got.named_parameters() if p.requires_grad} == \
+        {n for n, p in want.named_parameters() if p.requires_grad}
+    x = tokens(T=8) % QARGS.vocab_size
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))
+    with torch.device("meta"):
+        block = sum(p.numel() for p in Transformer(QARGS).layers[0].parameters()) * 4  # in float32
+    assert after.peak <= held + block, (after.peak, held, block)
+    assert before.peak > held + block  # the bound can fail: the whole 16-bit base, then quantised, exceeds it

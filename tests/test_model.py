@@ -94,6 +94,22 @@ def test_save_hf_then_load_round_trips_exactly(tmp_path, changes):
     assert (back.output.weight is back.tok_embeddings.weight) == m.args.tie_embeddings
 
 
+@pytest.mark.parametrize("changes", [{}, dict(tie_embeddings=True, qkv_bias=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_build_draws_the_same_random_model_as_transformer_one_module_at_a_time(changes, dtype):
+    args = dataclasses.replace(PRESETS["tiny"], **changes)
+    want = tiny(seed=3, **changes).to(dtype)  # train.py's presets until now: the whole model, then cast
+    next_draw = torch.rand(4)
+    torch.manual_seed(3)
+    got = model.build(args, dtype=dtype)
+    assert torch.equal(torch.rand(4), next_draw)  # the generator is left where Transformer leaves it: LoRA's init next
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+    assert (got.output.weight is got.tok_embeddings.weight) == args.tie_embeddings
+    assert all(p.requires_grad for p in got.parameters())
+
+
 def test_load_casts_to_the_requested_dtype():
     m = model.load(FIXTURES / "llama" / "hf", dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
