@@ -235,6 +235,10 @@ def adapter_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
+def _merged(w, A, B, scaling):
+    return (w.float() + (B.float() @ A.float()) * scaling).to(w.dtype)  # one [out, in] float32 product
+
+
 @torch.no_grad()
 def merged_state(state: dict, scaling: float) -> dict:
     """The state dict of the plain model: each adapted W <- W + scaling * B A in W's own dtype, lora_A and
@@ -248,9 +252,31 @@ def merged_state(state: dict, scaling: float) -> dict:
             if f"{name}.weight" not in out:
                 raise ValueError(f"merged_state: {name} has adapters but no base weight {name}.weight "
                                  "(a 4-bit base cannot be merged into: merge into the 16-bit base)")
-            w, A, B = out[f"{name}.weight"], state[key], state[f"{name}.lora_B"]
-            out[f"{name}.weight"] = (w.float() + (B.float() @ A.float()) * scaling).to(w.dtype)
+            out[f"{name}.weight"] = _merged(out[f"{name}.weight"], state[key], state[f"{name}.lora_B"], scaling)
     return out
+
+
+def merging(adapters: dict, scaling: float):
+    """The `prepare` of model.load / model.build that merges trained adapters (adapter_state of a LoRA model)
+    into the base as it is read: each adapted W <- W + scaling * B A in W's dtype, the moment W arrives. The
+    export of a QLoRA run, whose base in memory is 4-bit: the 16-bit base is read again, never held twice."""
+    pairs = {k.removesuffix(".lora_A"): (v, adapters[k.removesuffix("A") + "B"]) for k, v in adapters.items()
+             if k.endswith(".lora_A")}
+
+    def prepare(model):
+        modules = dict(model.named_modules())
+        for name, (A, B) in pairs.items():
+            w = getattr(modules.get(name), "weight", None)
+            if w is None or w.shape != (B.shape[0], A.shape[1]):
+                raise ValueError(f"merging(): adapters for {name} [{B.shape[0]}, {A.shape[1]}] match no weight "
+                                 f"of the model ({'absent' if w is None else list(w.shape)})")
+
+        @torch.no_grad()
+        def transform(name, t):
+            adapter = pairs.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+            return t if adapter is None else _merged(t, *adapter, scaling)
+        return transform
+    return prepare
 
 
 def _adapter_metadata(mods: dict[str, LoRALinear]) -> dict:

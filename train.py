@@ -478,8 +478,9 @@ def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_
     # preset's float32 draw, its cast, and quantize_nf4's float32 copy and int32 codes
     biggest = max(p.numel() for p in m.parameters())
     out["peak at load"] = (weights + biggest * (12 + c) if quantize == "4bit" else P * base.itemsize) + A * 4
-    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
-    out["peak at export (host)"] = P * base.itemsize + biggest * 4
+    # export (host memory of rank 0, final_model): the model in the training dtype plus one float32 product;
+    # several processes first gather the state as stored (full fine-tuning: float32), then cast it
+    out["peak at export (host)"] = (P * base.itemsize if world > 1 else P * c) + biggest * 4
     return out
 
 
@@ -702,13 +703,15 @@ def finish(run, model, tok, sample_examples):
     """The curves, then the trained policy as a plain model (LoRA merged): OUT/final and the samples after."""
     if run.master:
         plot_curves(run.out)
-    if run.export or run.sample:
+    # one process samples from the model it trained (LoRA unmerged, on its NF4 base): no second copy on the GPU
+    if run.sample and run.world == 1:
+        print_samples(run, model, tok, sample_examples, "after")
+    if run.export or run.sample and run.world > 1:
         final = final_model(run, model)
-        if run.master:
-            if run.export:
-                export_final(run, final, run.out / "final")
-            if run.sample:
-                print_samples(run, final.to(run.device), tok, sample_examples, "after")
+        if run.master and run.export:
+            export_final(run, final, run.out / "final")
+        if run.master and run.sample and run.world > 1:
+            print_samples(run, final.to(run.device), tok, sample_examples, "after")
     if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -797,15 +800,19 @@ def start_log(run):
 
 
 def final_model(run, model):
-    """The trained policy as a plain Transformer in the dtype it trained in (LoRA merged: W + alpha/r B A),
-    gathered onto rank 0's CPU; the other ranks get None."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The trained policy as a plain Transformer on rank 0's CPU, in the dtype it trained in (--dtype: full
+    fine-tuning's float32 master weights are rounded to it, as HF checkpoints are stored), LoRA merged
+    (W + alpha/r B A) one weight at a time; the other ranks get None."""
+    # one process: the weights where they are, copied to the host one at a time below, never all in float32
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=run.world > 1))
     if not run.master:
         return None
+    if run.quantize == "4bit":  # merging into NF4 would requantise: merge into the 16-bit base as it is read again
+        return load_base(run, "cpu", run.base_dtype, lora.merging(lora.adapter_state(state), run.lora_alpha / run.lora_rank))
     if run.lora_rank:
-        if run.quantize == "4bit":  # merging into NF4 would requantise: merge into the 16-bit base
-            state = {**load_base(run, "cpu", run.base_dtype).state_dict(), **lora.adapter_state(state)}
         state = lora.merged_state(state, run.lora_alpha / run.lora_rank)
+    for k, v in state.items():
+        state[k] = v.to("cpu", run.dtype)
     with torch.device("meta"):
         final = model_lib.Transformer(model.args)
     final.load_state_dict(state, assign=True)

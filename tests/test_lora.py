@@ -386,3 +386,9 @@ def test_qlora_quantises_each_weight_as_it_arrives_into_the_model_that_loading_t
         block = sum(p.numel() for p in Transformer(QARGS).layers[0].parameters()) * 4  # in float32
     assert after.peak <= held + block, (after.peak, held, block)
     assert before.peak > held + block  # the bound can fail: the whole 16-bit base, then quantised, exceeds it
+
+
+def test_merging_on_load_refuses_adapters_that_match_no_weight_of_the_model():
+    adapters = lora.adapter_state(lora.inject(tiny(), targets=("q",), r=2).state_dict())
+    with pytest.raises(ValueError, match=r"layers.0.attention.wq \[64, 64\] match no weight of the model \(\[32, 32\]\)"):
+        build(dataclasses.replace(ARGS, dim=32), prepare=lora.merging(adapters, 1.0))

@@ -14,7 +14,7 @@ import lora
 import model as model_lib
 import nca
 import train
-from conftest import tiny
+from conftest import LiveBytes, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +69,39 @@ def test_qlora_exports_the_adapters_merged_into_the_16_bit_base(tmp_path):
     w = "layers.0.attention.wq.weight"
     assert 0 < (final[w] - base[w]).abs().max() < 0.1  # base + small update, not requantised
     assert torch.equal(final["tok_embeddings.weight"], base["tok_embeddings.weight"])
+
+
+def test_qlora_export_merges_into_the_16_bit_base_read_again_one_weight_at_a_time(tmp_path):
+    path = write_reward_data(tmp_path / "data.jsonl")
+    args = train.parse_args(["--data", path, "--lora-rank", "4", "--quantize", "4bit", "--dtype", "bfloat16"])
+    run = train.configure(args, train.prepare_examples(path, args, "--data"), 0, 1, torch.device("cpu"))
+    model, _ = train.build_model(run, data.load_tokenizer("byte"))
+    with torch.no_grad():  # trained adapters: the merge must show
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(std=0.05)
+    with LiveBytes() as new:
+        final = train.final_model(run, model)
+        held = new.now()  # the merged model itself
+    with LiveBytes() as old:  # as before: the whole base (built in float32, then cast), every merge beside it
+        torch.manual_seed(run.seed)
+        base = model_lib.Transformer(model.args).to(torch.bfloat16).state_dict()
+        want = lora.merged_state({**base, **lora.adapter_state(model.state_dict())}, run.lora_alpha / run.lora_rank)
+    assert final.state_dict().keys() == want.keys()
+    for k, v in want.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(final.state_dict()[k], v), k
+    with torch.device("meta"):
+        block = sum(p.numel() for p in model_lib.Transformer(model.args).layers[0].parameters()) * 4  # float32
+    assert new.peak <= held + block, (new.peak, held, block)
+    assert old.peak > held + block
+
+
+def test_full_finetuning_exports_in_the_training_dtype_not_the_float32_master_weights(tmp_path):
+    run(tmp_path, "--loss", "infonca", "--steps", "2", "--save-every", "2", "--dtype", "bfloat16")
+    master = torch.load(tmp_path / "out" / "ckpt" / "state.pt", weights_only=True)["model"]  # float32, last step
+    final = model_lib.load(tmp_path / "out" / "final").state_dict()
+    assert json.loads((tmp_path / "out" / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for k, v in master.items():
+        assert v.dtype == torch.float32 and torch.equal(final[k], v.to(torch.bfloat16)), k
 
 
 def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_init(tmp_path):
