@@ -808,11 +808,12 @@ def final_model(run, model):
     if not run.master:
         return None
     if run.quantize == "4bit":  # merging into NF4 would requantise: merge into the 16-bit base as it is read again
-        return load_base(run, "cpu", run.base_dtype, lora.merging(lora.adapter_state(state), run.lora_alpha / run.lora_rank))
+        adapters = {k: v.cpu() for k, v in lora.adapter_state(state).items()}
+        return load_base(run, "cpu", run.base_dtype, lora.merging(adapters, run.lora_alpha / run.lora_rank))
+    for k, v in state.items():  # to the host one at a time (merged there, not beside the base on the GPU)
+        state[k] = v.to("cpu", v.dtype if run.lora_rank else run.dtype)  # LoRA: the base is in --dtype already
     if run.lora_rank:
         state = lora.merged_state(state, run.lora_alpha / run.lora_rank)
-    for k, v in state.items():
-        state[k] = v.to("cpu", run.dtype)
     with torch.device("meta"):
         final = model_lib.Transformer(model.args)
     final.load_state_dict(state, assign=True)
