@@ -492,11 +492,12 @@ def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_
     }
     fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
     out["peak in training"] = fixed + act[checkpointing]
-    # load: build_model puts the whole base (in its stored dtype) on every GPU, then shards it or quantises it
-    # layer by layer
-    out["peak at load"] = P * base.itemsize + A * 4
-    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
     biggest = max(p.numel() for p in m.parameters())
+    # load: one process puts the whole base (in its stored dtype) on its GPU, then quantises it layer by layer;
+    # under torchrun rank 0 reads it onto its CPU and each GPU receives its shards one tensor at a time (shard)
+    out["peak at load"] = (P * base.itemsize + A * 4 if world == 1 else
+                           out["weights"] + out["adapters (float32)"] + biggest * base.itemsize)
+    # export (host memory of rank 0): the gathered model in the training dtype, one float32 [out, in] product
     out["peak at export (host)"] = P * base.itemsize + biggest * 4
     return out
 
@@ -774,7 +775,7 @@ def save_checkpoint(run, model, optimizer, schedule, step):
         state = lora.adapter_state(state)
     optim = get_optimizer_state_dict(model, optimizer, options=opts)
     ckpt = {"step": step, "schedule": schedule.state_dict(), "model_args": asdict(model.args),
-            "config": resume_key(run)}
+            "config": resume_key(run), "world": run.world}
     rng = [(torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)]
     path = run.out / "ckpt" / "state.pt"
     if run.world == 1:
@@ -800,8 +801,7 @@ def save_checkpoint(run, model, optimizer, schedule, step):
             os.fsync(fd)
         finally:
             os.close(fd)
-        model_lib.atomic_write(path, lambda f: torch.save({**ckpt, "shards": shards.name, "world": run.world,
-                                                           "rng": rngs}, f))
+        model_lib.atomic_write(path, lambda f: torch.save({**ckpt, "shards": shards.name, "rng": rngs}, f))
         for old in shards.parent.glob("step-*"):
             if old != shards:
                 shutil.rmtree(old, ignore_errors=True)
@@ -821,11 +821,11 @@ def read_checkpoint(run):
     if diff:
         raise ValueError(f"--resume: {path} was saved by a run with {', '.join(diff)}; resume with the same "
                          f"settings, or start afresh in another --out")
+    if "shards" in ckpt and not (path.parent / ckpt["shards"]).is_dir():
+        raise ValueError(f"--resume: {path} names the shards {path.parent / ckpt['shards']}, which do not exist")
     if ckpt.get("world", 1) != run.world:  # each rank restores its own RNG and shards
         raise ValueError(f"--resume: {path} was saved by {ckpt.get('world', 1)} process(es), this run has "
                          f"{run.world}: resume with the same number")
-    if "shards" in ckpt and not (path.parent / ckpt["shards"]).is_dir():
-        raise ValueError(f"--resume: {path} names the shards {path.parent / ckpt['shards']}, which do not exist")
     return ckpt
 
 
