@@ -12,8 +12,8 @@ in ONE forward pass; nca.batch_logps turns the final hidden states into log pi_t
 building the [B*K, T, V] logits; the reference log mu(y|x) comes from `reference_logps`: a cache
 computed once before training (full fine-tuning), the same weights with the LoRA adapters switched off,
 or a frozen copy (--ref copy). The losses are nca.py's. Writes OUT/metrics.jsonl, OUT/curves.png,
-OUT/ckpt/state.pt (atomic, resumable) and OUT/final/ (Hugging Face layout, LoRA merged, tokenizer
-recorded in config.json).
+OUT/ckpt/state.pt (atomic, resumable; under torchrun it names OUT/ckpt/step-N/, each rank's shards) and
+OUT/final/ (Hugging Face layout, LoRA merged, tokenizer recorded in config.json).
 """
 import argparse
 import copy
