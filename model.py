@@ -712,6 +712,8 @@ def _fill(model, tensors, device, prepare=None):
             setattr(m, attr, nn.Parameter(t, requires_grad=getattr(m, attr).requires_grad))
     if model.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    if torch.device(device).type == "meta":  # shapes only (train.py's other ranks, which shard() fills)
+        return model
     for m in model.modules():
         if left := [(n, p) for n, p in m.named_parameters(recurse=False) if p.is_meta]:
             for n, p in left:

@@ -12,8 +12,8 @@ in ONE forward pass; nca.batch_logps turns the final hidden states into log pi_t
 building the [B*K, T, V] logits; the reference log mu(y|x) comes from `reference_logps`: a cache
 computed once before training (full fine-tuning), the same weights with the LoRA adapters switched off,
 or a frozen copy (--ref copy). The losses are nca.py's. Writes OUT/metrics.jsonl, OUT/curves.png,
-OUT/ckpt/state.pt (atomic, resumable) and OUT/final/ (Hugging Face layout, LoRA merged, tokenizer
-recorded in config.json).
+OUT/ckpt/state.pt (atomic, resumable; under torchrun it names OUT/ckpt/step-N/, each rank's shards) and
+OUT/final/ (Hugging Face layout, LoRA merged, tokenizer recorded in config.json).
 """
 import argparse
 import copy
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -317,20 +318,23 @@ def tokenizer_spec(args, init_dir):
 
 
 def load_base(run, device, dtype, prepare=None):
-    """The model --init describes: a checkpoint (model.load) or a preset with a seeded random init (model.build),
-    made one tensor at a time; prepare: see model._fill."""
-    torch.manual_seed(run.seed)  # every rank builds the same random model and the same LoRA init after it
-    if run.init_dir is not None:
+    """The model --init describes, on `device` in `dtype`, made one tensor at a time: a checkpoint (model.load)
+    or a preset with a seeded random init (model.build, directly in its dtype: the same numbers as building in
+    float32 and casting). On the meta device: the shapes alone, nothing read. prepare: see model._fill."""
+    torch.manual_seed(run.seed)  # every process that builds it builds the same random model and LoRA init
+    if run.init_dir is not None and str(device) != "meta":
         return model_lib.load(run.init_dir, device=device, dtype=dtype, prepare=prepare)
-    return model_lib.build(model_lib.PRESETS[run.init], device=device, dtype=dtype, prepare=prepare)
+    return model_lib.build(init_args(run.init_dir, run.init), device=device, dtype=dtype, prepare=prepare)
 
 
 def build_model(run, tok):
     """(policy, frozen copy of the initial model or None): the base, a copy for --ref copy, then adapters.
-    QLoRA injects them first and quantises each weight as it is read: the 16-bit base never is whole."""
+    QLoRA injects them first and quantises each weight as it is read: the 16-bit base never is whole.
+    Under torchrun only rank 0 reads the weights (and draws the random inits), onto its CPU; the other ranks
+    build the same modules on the meta device, which holds no memory. `shard` hands out the values."""
     qlora = lora.qlora(run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout) \
         if run.quantize == "4bit" else None
-    model = load_base(run, run.device, run.base_dtype, qlora)
+    model = load_base(run, run.device if run.world == 1 else "cpu" if run.master else "meta", run.base_dtype, qlora)
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"tokenizer {run.tokenizer} has {tok.vocab_size} tokens, the model's vocabulary "
                          f"only {model.args.vocab_size}")
@@ -362,16 +366,27 @@ def init_key(run):
 
 def shard(model, run):
     """FSDP2: each block, then the root (embeddings, norm, head), sharded over the ranks. --dist ddp uses
-    the same machinery on a (world, 1) mesh: replicated parameters, all-reduced gradients, i.e. DDP."""
+    the same machinery on a (world, 1) mesh: replicated parameters, all-reduced gradients, i.e. DDP.
+    The values come from rank 0's CPU copy (build_model): every rank lays out its shards on the meta device,
+    allocates them on its own device (to_empty), and rank 0 broadcasts the values one tensor at a time, each
+    rank keeping its slice (PyTorch's set_model_state_dict, broadcast_from_rank0). No device ever holds more
+    than its shards plus the tensor in flight."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = (init_device_mesh(run.device.type, (run.world,)) if run.dist == "fsdp" else
             init_device_mesh(run.device.type, (run.world, 1), mesh_dim_names=("replicate", "shard")))
     mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+    full = model.state_dict() if run.master else {}  # keeps rank 0's CPU tensors alive past the next line
+    model.to("meta")
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "hidden")  # training calls model.hidden, not forward
+    model.to_empty(device=run.device)
+    for m in lora.lora_modules(model).values():  # the NF4 table is in no state dict (not persistent): refill it
+        if m.weight_nf4 is not None:
+            m.nf4_pairs = lora.NF4_PAIRS.to(run.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
@@ -473,11 +488,15 @@ def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_
     }
     fixed = sum(v for k, v in out.items() if not k.startswith("activations"))
     out["peak in training"] = fixed + act[checkpointing]
-    # load: build_model puts the whole base (in its stored dtype) on every GPU, then shards it; under --quantize
-    # 4bit the 16-bit base is never whole (lora.qlora): the NF4 weights plus one tensor in flight, at most a
-    # preset's float32 draw, its cast, and quantize_nf4's float32 copy and int32 codes
     biggest = max(p.numel() for p in m.parameters())
-    out["peak at load"] = (weights + biggest * (12 + c) if quantize == "4bit" else P * base.itemsize) + A * 4
+    # load: one process builds the model one tensor at a time on its GPU; under --quantize 4bit the 16-bit base
+    # is never whole (lora.qlora): the NF4 weights plus one tensor in flight, at most a preset's float32 draw,
+    # its cast, and quantize_nf4's float32 copy and int32 codes. Under torchrun rank 0 reads it onto its CPU and
+    # each GPU receives its shards one tensor at a time (shard)
+    if world > 1:
+        out["peak at load"] = out["weights"] + out["adapters (float32)"] + biggest * base.itemsize
+    else:
+        out["peak at load"] = (weights + biggest * (12 + c) if quantize == "4bit" else P * base.itemsize) + A * 4
     # export (host memory of rank 0, final_model): the model in the training dtype plus one float32 product;
     # several processes first gather the state as stored (full fine-tuning: float32), then cast it
     out["peak at export (host)"] = (P * base.itemsize if world > 1 else P * c) + biggest * 4
@@ -534,11 +553,13 @@ def reference_cache(run, model, tok, examples, data_path, key):
         if run.master:
             print(f"reference cache {cache} ignored ({why}): recomputing it")
     mine, out = list(range(run.rank, len(examples), run.world)), [torch.zeros(0)]
-    for i in range(0, len(mine), run.batch_size):
-        batch = collate(run, tok, [examples[j] for j in mine[i:i + run.batch_size]])
+    n_batches = math.ceil(math.ceil(len(examples) / run.world) / run.batch_size)  # the same on every rank: FSDP
+    for b in range(n_batches):                                                    # gathers weights collectively
+        ids = mine[b * run.batch_size:(b + 1) * run.batch_size]
+        batch = collate(run, tok, [examples[j] for j in ids or [0]])
         with autocast(run):
-            out.append(nca.batch_logps(model, batch["tokens"].to(run.device),
-                                       batch["loss_mask"].to(run.device)).float().cpu())
+            logps = nca.batch_logps(model, batch["tokens"].to(run.device), batch["loss_mask"].to(run.device))
+        out.append(logps.float().cpu()[:len(ids) * run.K])  # a filler batch (no ids) keeps nothing
     parts = [(mine, torch.cat(out))]
     if run.world > 1:  # every rank's share, to every rank
         parts, share = [None] * run.world, parts[0]
@@ -626,19 +647,14 @@ def train(args):
                          " pass --resume to continue it, or another --out to start afresh")
 
     model, frozen = build_model(run, tok)
-    ref, eval_ref = frozen, frozen
-    if run.ref == "precompute":  # before any training: with LoRA the fresh adapters are zero anyway
-        key = [init_key(run), run.quantize, str(run.base_dtype), str(run.dtype)]
-        with lora.disabled(model) if run.lora_rank else nullcontext():
-            ref = reference_cache(run, model, tok, examples, args.data, key)
-            eval_ref = reference_cache(run, model, tok, eval_examples, eval_path, key) if eval_examples else None
     trainable, total = lora.count_parameters(model)
     if run.master:
         print(f"{len(examples)} training prompts x K = {run.K}, {len(eval_examples)} held out | {trainable:,} of "
               f"{total:,} parameters train | reference: {run.ref} | {world} process(es), global batch "
               f"{run.global_batch} prompts | {run.steps} steps")
-        if run.sample:  # from the plain (not yet sharded) model
-            print_samples(run, model, tok, (eval_examples or examples)[:run.sample], "before")
+    samples = (eval_examples or examples)[:run.sample]
+    if run.sample and world == 1:  # before compiling: generation's growing KV cache is no shape to compile for
+        print_samples(run, model, tok, samples, "before")
     if run.compile:
         for block in model.layers:
             block.compile()
@@ -646,9 +662,19 @@ def train(args):
         shard(model, run)
         if frozen is not None:
             shard(frozen, run)
+    # now, before any forward: a forward without backward leaves the root's parameters gathered (FSDP2 does not
+    # reshard the root after forward), and those are not the sharded parameters that train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.lr, betas=(0.9, 0.95), weight_decay=run.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, run))
+    if world > 1 and run.sample:  # every rank generates (FSDP gathers the weights collectively), rank 0 prints
+        print_samples(run, model, tok, samples, "before")
+    ref, eval_ref = frozen, frozen
+    if run.ref == "precompute":  # before any training: with LoRA the fresh adapters are zero anyway
+        key = [init_key(run), run.quantize, str(run.base_dtype), str(run.dtype)]
+        with lora.disabled(model) if run.lora_rank else nullcontext():
+            ref = reference_cache(run, model, tok, examples, args.data, key)
+            eval_ref = reference_cache(run, model, tok, eval_examples, eval_path, key) if eval_examples else None
     start = resume(run, ckpt, model, optimizer, schedule) if ckpt else start_log(run)
 
     model.train()
@@ -688,7 +714,7 @@ def train(args):
             log.update({f"eval/{k}": v for k, v in ev.items()})
         if done % run.save_every == 0 or done == run.steps:
             save_checkpoint(run, model, optimizer, schedule, done)
-    finish(run, model, tok, (eval_examples or examples)[:run.sample])
+    finish(run, model, tok, samples)
     return log
 
 
@@ -700,18 +726,15 @@ def lr_factor(run, s):
 
 
 def finish(run, model, tok, sample_examples):
-    """The curves, then the trained policy as a plain model (LoRA merged): OUT/final and the samples after."""
+    """The curves, the samples after training, and the trained policy as a plain model (LoRA merged) in OUT/final."""
     if run.master:
         plot_curves(run.out)
-    # one process samples from the model it trained (LoRA unmerged, on its NF4 base): no second copy on the GPU
-    if run.sample and run.world == 1:
+    if run.sample:  # from the model it trained (LoRA unmerged, on its NF4 base; sharded: every rank generates)
         print_samples(run, model, tok, sample_examples, "after")
-    if run.export or run.sample and run.world > 1:
+    if run.export:
         final = final_model(run, model)
-        if run.master and run.export:
+        if run.master:
             export_final(run, final, run.out / "final")
-        if run.master and run.sample and run.world > 1:
-            print_samples(run, final.to(run.device), tok, sample_examples, "after")
     if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -735,29 +758,61 @@ def hms(seconds):
 # ----------------------------------------------------------------------------- checkpoints and export
 
 def save_checkpoint(run, model, optimizer, schedule, step):
-    """Model (or only the adapters), optimizer, schedule, step (= data position), RNG: all gathered, rank 0
-    writes one file atomically."""
+    """Model (or only the adapters), optimizer, schedule, step (= data position), per-rank RNG, written
+    atomically. One process: one file, OUT/ckpt/state.pt. Under torchrun nothing is gathered: each rank writes
+    its own shards with PyTorch Distributed Checkpoint into OUT/ckpt/step-N/ (built as step-N.tmp, files
+    fsynced, then renamed), and only then rank 0 replaces state.pt, which holds the rest and names that
+    directory. A save that fails anywhere before leaves the previous state.pt and the directory it names."""
     # with LoRA the frozen base is --init itself: keep only what trains (and do not copy 7B frozen weights to
     # the CPU to drop them)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(run.lora_rank))
+    opts = StateDictOptions(full_state_dict=run.world == 1, cpu_offload=run.world == 1,
+                            ignore_frozen_params=bool(run.lora_rank))
+    if run.world > 1:
+        model.reshard()  # a forward without backward (evaluate) leaves the root gathered: the state-dict
+        # utilities find the optimizer's parameters, the sharded ones, among the model's only once resharded
     state = get_model_state_dict(model, options=opts)
     if run.lora_rank:
         state = lora.adapter_state(state)
     optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    ckpt = {"step": step, "schedule": schedule.state_dict(), "model_args": asdict(model.args),
+            "config": resume_key(run), "world": run.world}
+    rng = [(torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)]
+    path = run.out / "ckpt" / "state.pt"
+    if run.world == 1:
+        model_lib.atomic_write(path, lambda f: torch.save({**ckpt, "model": state, "optimizer": optim, "rng": rng}, f))
+        return
+    shards = run.out / "ckpt" / f"step-{step}"
+    tmp = shards.with_name(shards.name + ".tmp")
+    if run.master:  # left by a save that failed, or that no state.pt names (a later step than the resumed one)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(shards, ignore_errors=True)
+    dist.barrier()
+    try:
+        dcp.save({"model": state, "optimizer": optim}, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    except Exception as e:  # DCP gathers every rank's failure into one exception, raised on every rank
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise OSError(f"{shards}: write failed ({reason}); the previous checkpoint {path} is unchanged") from None
+    rngs = [None] * run.world
+    dist.all_gather_object(rngs, rng[0])
     if run.master:
-        ckpt = {"step": step, "model": state, "optimizer": optim, "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(), "model_args": asdict(model.args),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "config": resume_key(run)}
-        model_lib.atomic_write(run.out / "ckpt" / "state.pt", lambda f: torch.save(ckpt, f))
+        tmp.rename(shards)
+        fd = os.open(shards.parent, os.O_RDONLY)  # the rename on disk before the state.pt that names it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        model_lib.atomic_write(path, lambda f: torch.save({**ckpt, "shards": shards.name, "rng": rngs}, f))
+        for old in shards.parent.glob("step-*"):
+            if old != shards:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(run):
-    """state.pt, refused unless the run that saved it had the same settings (resume_key)."""
+    """state.pt, refused unless the run that saved it had the same settings (resume_key) and, if sharded,
+    the same number of processes."""
     path = run.out / "ckpt" / "state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist")
-    # mmap: under torchrun every rank reads the whole file, the page cache holds it once
     ckpt = model_lib.torch_load(path, "checkpoint of this train.py (--resume)", mmap=True)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (no settings recorded in it)")
@@ -766,6 +821,11 @@ def read_checkpoint(run):
     if diff:
         raise ValueError(f"--resume: {path} was saved by a run with {', '.join(diff)}; resume with the same "
                          f"settings, or start afresh in another --out")
+    if "shards" in ckpt and not (path.parent / ckpt["shards"]).is_dir():
+        raise ValueError(f"--resume: {path} names the shards {path.parent / ckpt['shards']}, which do not exist")
+    if ckpt.get("world", 1) != run.world:  # each rank restores its own RNG and shards
+        raise ValueError(f"--resume: {path} was saved by {ckpt.get('world', 1)} process(es), this run has "
+                         f"{run.world}: resume with the same number")
     return ckpt
 
 
@@ -774,13 +834,28 @@ def resume(run, ckpt, model, optimizer, schedule):
     if ckpt["model_args"] != asdict(model.args):  # e.g. the --init directory now holds another model
         raise ValueError(f"--resume: {run.out / 'ckpt' / 'state.pt'} was saved for model {ckpt['model_args']}; "
                          f"--init {run.init} builds {asdict(model.args)}")
-    set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True,
-                                                                         strict=not run.lora_rank))
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    opts = StateDictOptions(full_state_dict="shards" not in ckpt, strict=not run.lora_rank)
+    model_state, optim_state = ckpt.get("model"), ckpt.get("optimizer")
+    if "shards" in ckpt:  # each rank reads its own slices into the (sharded) state dicts it already has
+        model.reshard()  # as in save_checkpoint: the reference pass left the root gathered
+        model_state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=bool(run.lora_rank)))
+        if run.lora_rank:
+            model_state = lora.adapter_state(model_state)
+        optim_state = get_optimizer_state_dict(model, optimizer)
+        shards = run.out / "ckpt" / ckpt["shards"]
+        try:
+            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=shards)
+        except Exception as e:
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise ValueError(f"--resume: {shards}: not a readable sharded checkpoint ({type(e).__name__}"
+                             f"{': ' + reason if reason else ''})") from None
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
     schedule.load_state_dict(ckpt["schedule"])
-    torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    cpu_rng, cuda_rng = ckpt["rng"][run.rank]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     if run.master:  # metrics logged after the checkpoint belong to the lost future
         rows = [r for r in data.read_jsonl(run.out / "metrics.jsonl", log=True) if r["step"] <= ckpt["step"]]
         data.write_jsonl(run.out / "metrics.jsonl", rows)  # atomically: a crash here keeps the old log
@@ -803,6 +878,8 @@ def final_model(run, model):
     """The trained policy as a plain Transformer on rank 0's CPU, in the dtype it trained in (--dtype: full
     fine-tuning's float32 master weights are rounded to it, as HF checkpoints are stored), LoRA merged
     (W + alpha/r B A) one weight at a time; the other ranks get None."""
+    if run.world > 1:
+        model.reshard()  # as in save_checkpoint: a last evaluate leaves the root gathered
     # one process: the weights where they are, copied to the host one at a time below, never all in float32
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=run.world > 1))
     if not run.master:
@@ -848,10 +925,13 @@ def print_samples(run, model, tok, examples, when):
     """Greedy continuations of the prompts, tokenized exactly as in training (collate's prompt part)."""
     prompts = data.prompt_ids([e.prompt for e in examples], tok, template=run.template,
                               max_length=run.max_length, max_prompt_length=run.max_prompt_length)
+    training = model.training
+    model.eval()  # no LoRA dropout in what the model says
     with autocast(run):  # a bf16 base under float32 adapters: the matmuls need autocast's common dtype
         outs = model_lib.generate(model, prompts, max_new_tokens=min(128, run.max_length - run.max_prompt_length),
                                   eos_id=data.end_of_turn(tok, run.template))  # stop where training ends a turn
-    for e, o in zip(examples, outs):
+    model.train(training)
+    for e, o in zip(examples, outs if run.master else []):
         # a model whose vocabulary is larger than the tokenizer's (padded presets) may emit ids it cannot decode
         print(f"[{when}] {str(e.prompt)!r} -> {tok.decode([i for i in o if i < tok.vocab_size])!r}")
 

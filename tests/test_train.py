@@ -2,9 +2,11 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,24 +266,124 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
         assert [r[k] for r in accum] == pytest.approx([r[k] for r in whole], rel=1e-5, abs=1e-7), k
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, mode):
-    # 2 ranks x 2 prompts (reference precomputed by both ranks) vs 1 process x 4 prompts (frozen copy)
+# train.py under torchrun, with spies: what each rank built and loaded, the parameter bytes it held when shard()
+# began and after it, and (CRASH_AT=N) a kill right after the shards of step N are written
+SPY = """
+import atexit, json, os, sys
+import torch, torch.distributed.checkpoint as dcp
+import model as model_lib, train
+seen = {"built_on": [], "loads": 0, "bytes": []}
+init, load, shard, save = model_lib.Transformer.__init__, model_lib.load, train.shard, dcp.save
+
+def spy_init(self, args):
+    init(self, args)
+    seen["built_on"].append(self.tok_embeddings.weight.device.type)
+
+def spy_load(*a, **k):
+    seen["loads"] += 1
+    return load(*a, **k)
+
+def held(model):
+    return sum(getattr(t, "_local_tensor", t).nbytes for t in [*model.parameters(), *model.buffers()] if not t.is_meta)
+
+def spy_shard(model, run):
+    seen["bytes"].append(held(model))
+    shard(model, run)
+    seen["bytes"].append(held(model))
+
+def crash(state, storage_writer):
+    save(state, storage_writer=storage_writer)
+    if str(storage_writer.path).endswith(f"step-{os.environ.get('CRASH_AT')}.tmp"):
+        os._exit(3)
+
+model_lib.Transformer.__init__, model_lib.load, train.shard, dcp.save = spy_init, spy_load, spy_shard, crash
+atexit.register(lambda: open(f"{os.environ['SPY']}.{os.environ['RANK']}", "w").write(json.dumps(seen)))
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(tmp_path, *argv, crash_at=None):
+    (tmp_path / "spy.py").write_text(SPY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "SPY": str(tmp_path / "spy"),
+           "CRASH_AT": str(crash_at)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "spy.py"), *argv], env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("mode, init, extra", [("fsdp", "checkpoint", []),
+                                               ("ddp", "tiny", ["--lora-rank", "4", "--quantize", "4bit"])])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, capsys, mode, init, extra):
+    # 2 ranks x 2 prompts vs 1 process x 4 prompts; full fine-tuning: the reference precomputed by both ranks vs
+    # a frozen copy; QLoRA: the adapters switched off (a copy would be the unquantised base)
     path = write_reward_data(tmp_path / "data.jsonl")
+    if init == "checkpoint":
+        model_lib.save_hf(tiny(), tmp_path / "init")
+        init = str(tmp_path / "init")
     common = ["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--lr", "3e-3", "--warmup", "0",
-              "--steps", "2", "--beta", "0.1", "--loss", "nca"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "train.py"), *common, "--batch-size", "2", "--dist", mode, "--out",
-                          str(tmp_path / "two")], env=env, cwd=ROOT, capture_output=True, text=True)
+              "--steps", "2", "--beta", "0.1", "--loss", "nca", "--init", init, "--sample", "1", *extra]
+    two = torchrun(tmp_path, *common, "--batch-size", "2", "--dist", mode, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
-    train.main([*common, "--batch-size", "4", "--ref", "copy", "--out", str(tmp_path / "one")])
+    capsys.readouterr()
+    train.main([*common, "--batch-size", "4", "--ref", "auto" if extra else "copy", "--out", str(tmp_path / "one")])
+    # the samples before (the sharded model, every rank generating) and after training are the same
+    assert [l for l in two.stdout.splitlines() if l.startswith("[")] == \
+           [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
     rows = {n: [json.loads(line) for line in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two")}
     torch.testing.assert_close(losses(rows["two"]), losses(rows["one"]), rtol=0, atol=1e-6)
     # Adam divides by sqrt(v): float reordering of the sharded gradient sums shows at ~1e-6 in the weights
     two, one = (model_lib.load(tmp_path / n / "final").state_dict() for n in ("two", "one"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5)
+    # only rank 0 read the weights, onto its CPU; rank 1 built on the meta device and held nothing before its
+    # shards: half the float32 model under FSDP (the tiny model's dims split evenly), all of it as a DDP replica
+    # (there: NF4 codes, bf16 norms and embeddings, float32 adapters, the NF4 table refilled after to_empty)
+    spy = [json.loads((tmp_path / f"spy.{r}").read_text()) for r in (0, 1)]
+    assert spy[0]["loads"] == (init != "tiny") and spy[1]["loads"] == 0
+    assert set(spy[1]["built_on"]) == {"meta"} and spy[1]["bytes"][0] == 0
+    whole = spy[0]["bytes"][0]
+    assert spy[0]["bytes"][1] == spy[1]["bytes"][1] == (whole if mode == "ddp" else whole // 2)
+    assert mode == "ddp" or whole == sum(t.nbytes for t in tiny().state_dict().values())
+
+
+def test_two_gloo_processes_resume_from_their_shards_as_if_never_stopped(tmp_path, capsys):
+    # killed after step 3's shards are written but before state.pt names them: resumes from step 2, and steps 3
+    # and 4 (which needs step 2's AdamW moments) give exactly the uninterrupted run's losses and evaluations
+    path, held_out = write_reward_data(tmp_path / "data.jsonl"), write_reward_data(tmp_path / "eval.jsonl", n=3)
+    common = ["--data", path, "--eval-data", held_out, "--max-length", "24", "--max-prompt-length", "8", "--lr",
+              "3e-3", "--warmup", "0", "--steps", "4", "--beta", "0.1", "--loss", "nca", "--batch-size", "2",
+              "--save-every", "1", "--eval-every", "2", "--no-export"]
+    whole = torchrun(tmp_path, *common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    cut = torchrun(tmp_path, *common, "--out", str(tmp_path / "cut"), crash_at=3)
+    assert cut.returncode != 0 and "step 3/4" in cut.stdout and "step 4/4" not in cut.stdout
+    ckpt = tmp_path / "cut" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.pt", "step-2", "step-3.tmp"]
+    assert sorted(p.name for p in (ckpt / "step-2").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["step"] == 2 and state["shards"] == "step-2" and "model" not in state  # nothing gathered
+    resumed = torchrun(tmp_path, *common, "--out", str(tmp_path / "cut"), "--resume")
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr[-4000:]
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+             for line in open(tmp_path / n / "metrics.jsonl")] for n in ("whole", "cut")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4 + 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.pt", "step-4"]
+    for damage, expected in ((lambda: None, "saved by 2 process(es), this run has 1"),  # global batch 4 either way
+                             (lambda: shutil.rmtree(ckpt / "step-4"), f"names the shards {ckpt / 'step-4'}, which")):
+        damage()
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            train.main([*common, "--batch-size", "4", "--out", str(tmp_path / "cut"), "--resume"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+
+
+def test_a_preset_is_built_in_its_dtype_with_the_same_numbers_as_the_float32_init_rounded():
+    model = train.load_base(SimpleNamespace(seed=3, init_dir=None, init="tiny"), "cpu", torch.bfloat16)
+    torch.manual_seed(3)
+    expected = model_lib.Transformer(model_lib.PRESETS["tiny"]).to(torch.bfloat16).state_dict()
+    assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert torch.get_default_dtype() == torch.float32  # the build's default dtype was put back
 
 
 @pytest.mark.parametrize("case, expected", [
