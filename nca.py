@@ -323,7 +323,7 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
                          f"{tuple(seq.shape)} {seq.dtype} and {tuple(pos.shape)} {pos.dtype}")
     if impl == "reference":
         if seq is not None:
-            mask = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).index_put_((seq, pos), torch.tensor(True))
+            mask = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).index_put_((seq, pos), seq >= 0)
         return sequence_logps_reference(h, W, targets, mask)
     if impl not in ("fused", "auto"):
         raise ValueError(f"unknown sequence_logps impl {impl!r}; expected 'reference', 'fused' or 'auto'")
