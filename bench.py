@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python bench.py logprob | lora | train`.
+"""Benchmarks, one subcommand each: `python bench.py logprob | lora | train | gpu`.
 
 Every number is a ratio measured side by side in one run (these machines are noisy), against the
 best existing implementation we can run here. README records each table with its command.
@@ -35,7 +35,7 @@ def interleaved_medians(runs, reps, device, reset):
 
 # ----------------------------------------------------------------------------- logprob (nca.py)
 def logprob_variants(N, d, V, *, frozen, device, dtype):
-    """name -> fwd+bwd closure over the same inputs, and the inputs' gradient sink to reset."""
+    """name -> fwd+bwd closure over the same inputs, and the inputs (h, W, targets, g = d loss / d log p)."""
     import torch.nn.functional as F
 
     import nca
@@ -68,15 +68,15 @@ def logprob_variants(N, d, V, *, frozen, device, dtype):
 
     variants = {
         "reference": lambda: (nca.sequence_logps(h[None], W, t[None], ones, impl="reference") @ g[:1]).backward(),
-        "fused": lambda: (nca.FusedLogp.apply(h, W, t, (rows, cols)) @ g).backward(),
-        "torch F.linear_cross_entropy": lambda: (F.linear_cross_entropy(h, W, t, reduction="none") @ -g).backward(),
+        "fused": lambda: (nca.FusedLogp.apply(h, W, t, (rows, cols)).float() @ g).backward(),
+        "torch F.linear_cross_entropy": lambda: (F.linear_cross_entropy(h, W, t, reduction="none").float() @ -g).backward(),
         "floor: matmuls, full [N, V]": floor,
         "floor: matmuls, tiled": floor_tiled,
     }
     if lce_options is not None:  # torch >= 2.13: the chunked path, recomputing in backward for "none"
         variants["torch F.linear_cross_entropy chunked"] = lambda: (F.linear_cross_entropy(
-            h, W, t, reduction="none", options=lce_options()) @ -g).backward()
-    return variants, (h, W)
+            h, W, t, reduction="none", options=lce_options()).float() @ -g).backward()
+    return variants, (h, W, t, g)
 
 
 def logprob_peak_bytes(N, d, V, *, frozen, device, dtype, name):
@@ -84,7 +84,7 @@ def logprob_peak_bytes(N, d, V, *, frozen, device, dtype, name):
     CUDA: the allocator's peak.
     CPU: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs), run in
     a fresh process per variant so no freed-but-kept heap of another variant hides an allocation."""
-    variants, (h, W) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
+    variants, (h, W, *_) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
     kept = lambda: sum(x.grad.nbytes for x in (h, W) if x.grad is not None)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -127,7 +127,7 @@ def bench_logprob(argv):
     for shape in args.shapes.split(";"):
         N, d, V = map(int, shape.split(","))
         for frozen in (False, True):
-            variants, (h, W) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
+            variants, (h, W, *_) = logprob_variants(N, d, V, frozen=frozen, device=device, dtype=dtype)
 
             def reset():
                 h.grad = W.grad = None
@@ -309,7 +309,363 @@ def bench_train(argv):
             print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")
 
-BENCHES = {"logprob": bench_logprob, "lora": bench_lora, "train": bench_train}
+
+# ----------------------------------------------------------------------------- gpu: everything a lent GPU should measure
+# `python bench.py gpu` (issue 13, "Measure on a GPU when one is lent"): each part in its own process, one
+# JSON line per figure; a part that fails prints its error as a JSON line and the next part runs.
+# `--smoke` runs every part at toy sizes (e.g. `--smoke --device cpu`): numbers that only show the script works.
+FULL = dict(N=8192, d=4096, V=(32000, 128256), preset="mistral-7b", K=4, T=1024, prompt=64, steps=5, reps=3,
+            gen_prompt=128, gen_new=128)
+SMOKE = dict(N=256, d=64, V=(512, 1000), preset="tiny", K=4, T=64, prompt=8, steps=1, reps=1, gen_prompt=8, gen_new=8)
+# dense bf16 tensor-core peak (no sparsity), from NVIDIA's data sheets; --peak-tflops for other devices
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class Figures:
+    """Prints one JSON line per figure, each naming its part, device and whether it is a smoke run."""
+
+    def __init__(self, args, part):
+        self.device = torch.device(args.device)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "host CPU"
+        self.base = {"part": part, "device": f"{self.device} ({name})", "smoke": args.smoke}
+
+    def __call__(self, figure, value, **context):
+        import json
+        print(json.dumps({**self.base, **context, "figure": figure, "value": value}), flush=True)
+
+
+def peak_tflops(args):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(args.device))
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+class HostPeak:
+    """The process's resident high-water mark above its size on entry (VmHWM, reset through /proc/self/clear_refs)."""
+
+    def __enter__(self):
+        self.before = self.status("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        self.bytes = self.status("VmHWM:") - self.before
+
+    @staticmethod
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def device_peak(device, reset=False):
+    """Bytes: the CUDA allocator's peak since the last reset; on the CPU the process's ru_maxrss."""
+    import resource
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def gpu_logprob(args, s, out):
+    """Fused log-prob vs the reference and torch's F.linear_cross_entropy, bf16, W trained: values and gradients
+    against a float32 reference on the same bf16 inputs, time and peak memory as ratios to the reference."""
+    import torch.nn.functional as F
+
+    import nca
+    device, dtype = torch.device(args.device), torch.bfloat16
+    for V in s["V"]:
+        shape = dict(N=s["N"], d=s["d"], V=V, dtype="bfloat16")
+        variants, (h, W, t, g) = logprob_variants(s["N"], s["d"], V, frozen=False, device=device, dtype=dtype)
+        rows = {"reference": lambda h, W: nca.sequence_logps_reference(h[:, None], W, t[:, None], t[:, None] >= 0),
+                "fused": lambda h, W: nca.FusedLogp.apply(h, W, t, nca.TILE.get(device.type, nca.TILE["cpu"])),
+                "torch F.linear_cross_entropy": lambda h, W: -F.linear_cross_entropy(h, W, t, reduction="none")}
+
+        def value_and_grads(fn, h, W):
+            h, W = h.detach().requires_grad_(), W.detach().requires_grad_()
+            logp = fn(h, W).float()
+            (logp @ g).backward()
+            return logp.detach(), h.grad.float(), W.grad.float()
+        exact = value_and_grads(rows["reference"], h.float(), W.float())  # float32 logits of the same bf16 inputs
+        for name, fn in rows.items():
+            got = value_and_grads(fn, h, W)
+            out("logp max abs error vs float32", (got[0] - exact[0]).abs().max().item(), variant=name, **shape)
+            for what, a, b in zip(("d h", "d W"), got[1:], exact[1:]):
+                out(f"{what} relative error vs float32", ((a - b).norm() / b.norm()).item(), variant=name, **shape)
+        del exact
+
+        def reset():
+            h.grad = W.grad = None
+        times = interleaved_medians({k: variants[k] for k in rows}, s["reps"], device, reset)
+        variants = None
+        peaks = {k: logprob_peak_bytes(s["N"], s["d"], V, frozen=False, device=device, dtype=dtype, name=k) for k in rows}
+        for name in rows:
+            out("fwd+bwd seconds", times[name], variant=name, **shape)
+            out("time / reference", times[name] / times["reference"], variant=name, **shape)
+            out("peak workspace MiB", peaks[name] / 2**20, variant=name, **shape)
+            out("peak / reference", peaks[name] / peaks["reference"], variant=name, **shape)
+
+
+def step_flops(a, *, tokens, length, scored, r, targets):
+    """Model FLOPs of one NCA LoRA step: policy forward and backward, reference forward (adapters off). A matmul
+    [m, k] x [k, n] counts 2mkn. The frozen base weights get no weight gradient under LoRA, so the backward
+    through a base linear is one matmul (the input gradient), as much as its forward, not two; the adapters
+    (targets, rank r) get both. Attention (QK^T and PV) is causal: half of the T x T square, backward twice the
+    forward. The LM head runs on the scored tokens only (nca.FusedLogp): its forward, the input gradient (which
+    the kernel forms in forward) and the reference's forward. tokens: the positions the model runs on (B K (T - 1)),
+    scored: the response tokens. Not counted: the recompute of activation checkpointing (MFU counts the model's
+    work, as PaLM's definition does), norms, softmax, RoPE."""
+    hd = a.head_dim or a.dim // a.n_heads
+    q, kv, d, F = a.n_heads * hd, a.n_kv_heads * hd, a.dim, a.hidden_dim
+    shapes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, F), "up": (d, F), "down": (F, d)}
+    base = 2 * sum(i * o for i, o in shapes.values()) * a.n_layers  # forward FLOPs per token
+    adapters = 2 * sum(r * (i + o) for t, (i, o) in shapes.items() if t in targets) * a.n_layers
+    attn = 2 * 2 * q * length / 2 * a.n_layers  # QK^T and PV per token of sequences of `length`, causal
+    # block 0's q, k, v read the frozen embedding, which needs no gradient: their input gradients are skipped
+    first = 2 * sum(i * o + (r * i if t in targets else 0) for t, (i, o) in shapes.items() if t in ("q", "k", "v"))
+    n, head = tokens, 2 * a.vocab_size * d
+    policy = n * (base + adapters + attn) + n * (base + 2 * adapters + 2 * attn - first) + 2 * scored * head
+    reference = n * (base + attn) + scored * head
+    return policy + reference
+
+
+def gpu_lora_step(args, s, out, quantize):
+    """train.py's own micro-batch (train.forward, one prompt x K responses of T tokens) on the mistral-7b preset
+    (random init): LoRA r = 16 on all seven projections, NCA, bf16, checkpointing, reference = adapters off."""
+    import json
+    import tempfile
+    import time as _time
+
+    import data
+    import model as model_lib
+    import train
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/data.jsonl"
+        with open(path, "w") as f:  # byte tokens: responses long enough to be cut at --max-length, every row T long
+            f.write(json.dumps({"prompt": "q" * (s["prompt"] - 1), "responses": [c * s["T"] for c in "abcd"[:s["K"]]],
+                                "rewards": [4.0, 3.0, 2.0, 1.0][:s["K"]]}) + "\n")
+        flags = ["--data", path, "--init", s["preset"], "--lora-rank", "16", "--loss", "nca", "--checkpointing",
+                 "--dtype", "bfloat16", "--max-length", str(s["T"]), "--max-prompt-length", str(s["prompt"]),
+                 "--batch-size", "1", "--device", args.device, "--out", f"{tmp}/out", "--quantize", quantize]
+        targs = train.parse_args(flags)
+        examples = train.prepare_examples(path, targs, "--data")
+        run = train.configure(targs, examples, 0, 1, device)
+        tok = data.load_tokenizer("byte")
+        device_peak(device, reset=True)
+        t0 = _time.perf_counter()
+        with HostPeak() as host:
+            model, _ = train.build_model(run, tok)
+        setup = dict(preset=s["preset"], lora_rank=16, quantize=quantize, K=s["K"], T=s["T"], loss="nca",
+                     checkpointing=True, dtype="bfloat16", reference="adapters off")
+        out("build seconds", _time.perf_counter() - t0, **setup)
+        out("peak GiB at load" + (" (CUDA allocator)" if device.type == "cuda" else " (process RSS)"),
+            device_peak(device, reset=True) / 2**30, **setup)
+        out("host peak GiB at load (VmHWM above start)", host.bytes / 2**30, **setup)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95))
+        times = []
+        for i in range(s["steps"] + 1):  # step 0 warms up (allocator, kernels, optimizer states)
+            sync(device)
+            t0 = _time.perf_counter()
+            loss, _, n_tok = train.forward(run, model, tok, None, examples, [0])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(_time.perf_counter() - t0)
+        step = statistics.median(times[1:])
+        flops = step_flops(model_lib.PRESETS[s["preset"]], tokens=n_tok - s["K"], length=s["T"],
+                           scored=n_tok - s["K"] * s["prompt"], r=16, targets=run.lora_targets.split(","))
+        out("step seconds (median)", step, steps=s["steps"], tokens=n_tok, **setup)
+        out("tokens/s", n_tok / step, **setup)
+        out("peak GiB in training" + (" (CUDA allocator)" if device.type == "cuda" else " (process RSS)"),
+            device_peak(device) / 2**30, **setup)
+        out("model FLOPs per step", flops, count=" ".join(step_flops.__doc__.split()), **setup)
+        peak = peak_tflops(args)
+        out("MFU", flops / step / (peak * 1e12) if peak else None, peak_tflops=peak, **setup)
+
+
+def build_random(preset, device):
+    """The preset's shape, random init, in bf16 directly on the device (no float32 copy)."""
+    import model as model_lib
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return model_lib.Transformer(model_lib.PRESETS[preset])
+    finally:
+        torch.set_default_dtype(default)
+
+
+def gpu_io(args, s, out):
+    """model.save_hf then model.load of the preset in bf16: seconds and host memory of each, and the round trip exact."""
+    import shutil
+    import tempfile
+    import time as _time
+
+    import model as model_lib
+    device = torch.device(args.device)
+    model = build_random(s["preset"], device)
+    names = ("tok_embeddings.weight", "layers.0.attention.wq.weight", "output.weight")
+    saved = {n: model.state_dict()[n].cpu() for n in names}
+    tmp = tempfile.mkdtemp(dir=args.workdir)
+    try:
+        t0 = _time.perf_counter()
+        with HostPeak() as host:
+            model_lib.save_hf(model, tmp)
+        out("save_hf seconds", _time.perf_counter() - t0, preset=s["preset"], dtype="bfloat16")
+        out("save_hf host peak GiB (VmHWM above start)", host.bytes / 2**30, preset=s["preset"])
+        out("checkpoint GiB on disk", sum(f.stat().st_size for f in __import__("pathlib").Path(tmp).iterdir()) / 2**30,
+            preset=s["preset"])
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t0 = _time.perf_counter()
+        with HostPeak() as host:
+            model = model_lib.load(tmp, device=device, dtype=torch.bfloat16)
+            sync(device)
+        out("load seconds", _time.perf_counter() - t0, preset=s["preset"], to=str(device))
+        out("load host peak GiB (VmHWM above start)", host.bytes / 2**30, preset=s["preset"])
+        out("round trip exact", all(torch.equal(model.state_dict()[n].cpu(), saved[n]) for n in names),
+            tensors=list(names))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gpu_generate(args, s, out):
+    """model.generate, greedy, bf16: new tokens per second at batch 1 and 16 (prompts of random tokens, no EOS)."""
+    import time as _time
+
+    import model as model_lib
+    device = torch.device(args.device)
+    model = build_random(s["preset"], device)
+    gen = torch.Generator().manual_seed(0)
+    model_lib.generate(model, [[1, 2, 3]], max_new_tokens=2)  # warm-up
+    for B in (1, 16):
+        prompts = torch.randint(0, model.args.vocab_size, (B, s["gen_prompt"]), generator=gen).tolist()
+        sync(device)
+        t0 = _time.perf_counter()
+        new = model_lib.generate(model, prompts, max_new_tokens=s["gen_new"])
+        sync(device)
+        seconds = _time.perf_counter() - t0
+        out("generated tokens/s", sum(map(len, new)) / seconds, batch=B, prompt=s["gen_prompt"], new=s["gen_new"],
+            preset=s["preset"], dtype="bfloat16")
+
+
+def gpu_train_py(args, s, out):
+    """Tiny `python train.py` runs on the device, each a process: seconds, exit status, last training loss."""
+    import json
+    import subprocess
+    import tempfile
+    import time as _time
+    from pathlib import Path
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        path = f"{tmp}/data.jsonl"
+        with open(path, "w") as f:
+            for i in range(8):
+                f.write(json.dumps({"prompt": f"{i}+{i}=", "responses": [str(2 * i), str(2 * i + 1), "no", "?"],
+                                    "rewards": [9, 5, 3, 1]}) + "\n")
+        common = ["--data", path, "--device", args.device, "--steps", str(s["steps"]), "--max-length", "32",
+                  "--max-prompt-length", "8", "--batch-size", "4", "--beta", "0.1", "--lr", "1e-3"]
+        runs = {"eager": ["--no-export"], "--compile": ["--compile", "--no-export"],
+                "LoRA + 4-bit": ["--lora-rank", "8", "--quantize", "4bit", "--no-export"],
+                "LoRA + --sample": ["--lora-rank", "8", "--sample", "2", "--no-export"],
+                "export": [], "reload (--init OUT of export)": ["--no-export"]}
+        for i, (name, flags) in enumerate(runs.items()):
+            init = ["--init", f"{tmp}/run{i - 1}" if name.startswith("reload") else "tiny"]  # reload: the export's OUT
+            outdir = f"{tmp}/run{i}"
+            t0 = _time.perf_counter()
+            p = subprocess.run([sys.executable, str(here / "train.py"), *common, *flags, *init, "--out", outdir],
+                               capture_output=True, text=True, cwd=here)
+            rows = [json.loads(line) for line in open(f"{outdir}/metrics.jsonl")] if p.returncode == 0 else []
+            failed = {"error": (p.stderr.strip().splitlines() or ["?"])[-1]} if p.returncode else {}
+            out("train.py run", p.returncode == 0, run=name, seconds=_time.perf_counter() - t0,
+                last_loss=next((r["loss"] for r in reversed(rows) if r["split"] == "train"), None), **failed)
+
+
+GPU_PARTS = {
+    "logprob": gpu_logprob,
+    "lora-step": lambda args, s, out: gpu_lora_step(args, s, out, "none"),
+    "lora-step-nf4": lambda args, s, out: gpu_lora_step(args, s, out, "4bit"),
+    "save-load": gpu_io,
+    "generate": gpu_generate,
+    "train.py": gpu_train_py,
+}
+
+
+def run_gpu_parts(parts, flags, budget):
+    """Each part in a fresh process (its own peak memory, and a crash or an out-of-memory ends only that part),
+    within `budget` seconds in all; returns {part: (ok, figure lines)}."""
+    import json
+    import subprocess
+    t_end, results = time.time() + budget, {}
+    for name in parts:
+        left = t_end - time.time()
+        t0 = time.time()
+        try:
+            if left < 5:
+                raise TimeoutError(f"not started: the {budget:.0f} s budget is spent")
+            p = subprocess.run([sys.executable, __file__, "gpu", "--part", name, *flags], capture_output=True,
+                               text=True, timeout=left)
+            lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+            for line in lines:
+                print(line, flush=True)
+            if p.returncode:
+                raise RuntimeError((p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1])
+            results[name] = (True, [json.loads(line) for line in lines])
+        except (subprocess.TimeoutExpired, TimeoutError, RuntimeError) as e:
+            print(json.dumps({"part": name, "error": str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"}),
+                  flush=True)
+            results[name] = (False, [])
+        print(f"# part {name!r}: {'ok' if results[name][0] else 'FAILED'} in {time.time() - t0:.1f} s", flush=True)
+    return results
+
+
+def bench_gpu(argv):
+    """python bench.py gpu [--smoke] [--device cuda] [--parts a,b] [--budget 470]"""
+    import json
+    p = argparse.ArgumentParser(prog="bench.py gpu", description=bench_gpu.__doc__)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="every part at toy sizes: shows the script works, measures nothing")
+    p.add_argument("--parts", default=",".join(GPU_PARTS), help="comma list of: " + ", ".join(GPU_PARTS))
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (default: known GPUs)")
+    p.add_argument("--budget", type=float, default=470, help="seconds for all parts together (each gets what is left)")
+    p.add_argument("--workdir", help="where the checkpoint round trip writes (default: the system's temp directory)")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    args = p.parse_args(argv)
+    s = SMOKE if args.smoke else FULL
+    if args.part:
+        return GPU_PARTS[args.part](args, s, Figures(args, args.part))
+    parts = args.parts.split(",")
+    if bad := [x for x in parts if x not in GPU_PARTS]:
+        raise SystemExit(f"bench.py gpu: unknown part(s) {bad}; expected some of {list(GPU_PARTS)}")
+    flags = ["--device", args.device] + ["--smoke"] * args.smoke + ["--peak-tflops", str(args.peak_tflops)] * bool(
+        args.peak_tflops) + ["--workdir", args.workdir] * bool(args.workdir)
+    print(f"# bench.py gpu{' --smoke (toy sizes: no number below is a measurement)' if args.smoke else ''}, "
+          f"every part on --device {args.device}, each in its own process; one JSON line per figure")
+    results = run_gpu_parts(parts, flags, args.budget)
+    steps = {q: next((f["value"] for f in results.get(q, (0, []))[1] if f["figure"] == "step seconds (median)"), None)
+             for q in ("lora-step", "lora-step-nf4")}
+    if all(steps.values()):
+        print(json.dumps({"part": "summary", "smoke": args.smoke, "figure": "NF4 step / bf16-base step",
+                          "value": steps["lora-step-nf4"] / steps["lora-step"]}))
+    for name, (ok, figures) in results.items():
+        devices = sorted({f["device"] for f in figures}) or ["-"]
+        print(f"# {name:22s} {'ok' if ok else 'FAILED':6s} {len(figures):3d} figures on {', '.join(devices)}")
+    return results
+
+
+BENCHES = {"logprob": bench_logprob, "lora": bench_lora, "train": bench_train, "gpu": bench_gpu}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -850,7 +850,8 @@ def encode_chat(tok, template, units) -> list[int]:
 def collate(examples, tok, *, template="none", max_length=1024, max_prompt_length=512) -> dict:
     """B examples of K responses -> tokens [B*K, T] (row b*K + k = prompt b + response k, right padded
     to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
-    turn), rewards [B, K], and how many prompts / responses were truncated.
+    turn), scored (loss_mask's True positions, rows and columns [M]), rewards [B, K], and how many prompts
+    / responses were truncated.
 
     The response is rendered inside the conversation, as the official implementation encodes it (see
     "chat templates"), and its ids are what follows the prompt's; they end with the end of turn,
@@ -889,7 +890,11 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         loss_mask[i, len(p):len(p) + len(r)] = True
     rewards = torch.tensor([ex.rewards for ex in examples], dtype=torch.float32)  # [B, K]
-    return {"tokens": tokens, "loss_mask": loss_mask, "rewards": rewards,
+    # loss_mask's True positions from the lengths, as (rows, cols) [M] each: found in the mask on a GPU
+    # (nonzero) they would make the host wait for the device (nca.sequence_logps)
+    scored = torch.tensor([(i, j) for i, (p, r) in enumerate(rows) for j in range(len(p), len(p) + len(r))],
+                          dtype=torch.long).view(-1, 2)
+    return {"tokens": tokens, "loss_mask": loss_mask, "scored": tuple(scored.T.contiguous()), "rewards": rewards,
             "prompts_truncated": n_prompt, "responses_truncated": n_response}
 
 

@@ -45,6 +45,20 @@ def check_alpha_beta(alpha, beta):
         raise ValueError(f"beta (r_theta = beta * log pi / mu) must be a finite number > 0, got {beta}")
 
 
+def require(cond, message):
+    """Raise ValueError(message) unless the one-element tensor `cond` is true, without making the host wait.
+
+    The rule for checks on tensor values: `if not cond` reads the value, and on a GPU reading waits for all
+    queued work (a host sync), every micro-batch. torch._assert_async checks on the tensor's own device: on
+    the CPU it raises at once (turned into ValueError here), on a GPU the check is queued like any kernel and
+    a failure surfaces as a device-side assert (which ends the process). train.py's data never fails it:
+    data.py validates rewards and token ids when it loads and collates them."""
+    try:
+        torch._assert_async(cond, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
 def _check(policy_logps, ref_logps, rewards, alpha, beta):
     check_alpha_beta(alpha, beta)
     if policy_logps.dim() != 2:
@@ -55,8 +69,7 @@ def _check(policy_logps, ref_logps, rewards, alpha, beta):
             f"{tuple(policy_logps.shape)}, {tuple(ref_logps.shape)}, {tuple(rewards.shape)}")
     if policy_logps.shape[1] < 2:
         raise ValueError(f"need K >= 2 responses per prompt to contrast, got K = {policy_logps.shape[1]}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"rewards must be finite, got {rewards[~torch.isfinite(rewards)].tolist()[:4]}")
+    require(torch.isfinite(rewards).all(), "rewards must be finite")
 
 
 # ----------------------------------------------------------------------------- reward and labels
@@ -287,28 +300,37 @@ class FusedLogp(torch.autograd.Function):
 def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
     """log pi(y|x) [B] float32: the sum of log p(targets) over the masked positions of each sequence.
 
-    Same arguments as sequence_logps_reference. Only the masked rows reach the kernel, so prompt
-    and padding positions cost nothing. impl: "reference" (full logits), "fused" (FusedLogp),
-    "auto" (= "fused"; a Triton kernel for CUDA is not written yet). tile: (rows, cols) of the logits
-    the fused kernel holds at a time; default TILE[device type].
+    Same arguments as sequence_logps_reference, except that `mask` may also be given as the scored
+    positions (seq, pos), LongTensors [M] as mask.nonzero(as_tuple=True) returns them: finding them in a
+    mask on a GPU sizes an output by the mask's values, so the host waits for the device (a sync);
+    data.collate builds them on the host. Only the scored rows reach the kernel, so prompt and padding
+    positions cost nothing. impl: "reference" (full logits), "fused" (FusedLogp), "auto" (= "fused"; a
+    Triton kernel for CUDA is not written yet). tile: (rows, cols) of the logits the fused kernel holds at
+    a time; default TILE[device type].
     """
     if h.dim() != 3 or W.dim() != 2 or h.shape[-1] != W.shape[1]:
         raise ValueError(f"sequence_logps needs h [B, T, d] and W [V, d], got {tuple(h.shape)} and {tuple(W.shape)}")
-    if len({h.device, W.device, targets.device, mask.device}) > 1:
+    seq, pos = (None, None) if isinstance(mask, torch.Tensor) else mask
+    where = [mask] if seq is None else [seq, pos]
+    if len({h.device, W.device, targets.device, *(x.device for x in where)}) > 1:
         raise ValueError(f"sequence_logps: h, W, targets and mask must be on one device, got {h.device}, "
-                         f"{W.device}, {targets.device} and {mask.device}")
-    if targets.shape != h.shape[:2] or mask.shape != h.shape[:2] or mask.dtype != torch.bool:
+                         f"{W.device}, {targets.device} and {where[0].device}")
+    if targets.shape != h.shape[:2] or seq is None and (mask.shape != h.shape[:2] or mask.dtype != torch.bool):
         raise ValueError(f"targets and mask (bool) must be [B, T] = {tuple(h.shape[:2])}, got "
-                         f"{tuple(targets.shape)} and {tuple(mask.shape)} {mask.dtype}")
+                         f"{tuple(targets.shape)} and {tuple(where[0].shape)} {where[0].dtype}")
+    if seq is not None and not (seq.dtype == pos.dtype == torch.long and seq.dim() == 1 and seq.shape == pos.shape):
+        raise ValueError(f"sequence_logps: scored positions (seq, pos) must be two LongTensors [M], got "
+                         f"{tuple(seq.shape)} {seq.dtype} and {tuple(pos.shape)} {pos.dtype}")
     if impl == "reference":
+        if seq is not None:
+            mask = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device).index_put_((seq, pos), seq >= 0)
         return sequence_logps_reference(h, W, targets, mask)
     if impl not in ("fused", "auto"):
         raise ValueError(f"unknown sequence_logps impl {impl!r}; expected 'reference', 'fused' or 'auto'")
-    seq, pos = mask.nonzero(as_tuple=True)  # [M]: the sequence and position of each scored token
+    if seq is None:
+        seq, pos = mask.nonzero(as_tuple=True)  # [M]: the sequence and position of each scored token
     t = targets[seq, pos]  # [M]
-    if t.numel() and not (0 <= t.min() and t.max() < W.shape[0]):
-        raise ValueError(f"targets at masked positions must be token ids in [0, {W.shape[0]}), got "
-                         f"min {t.min().item()} max {t.max().item()}")
+    require(((t >= 0) & (t < W.shape[0])).all(), f"targets at masked positions must be token ids in [0, {W.shape[0]})")
     h_m = h[seq, pos]  # [M, d]
     if torch.is_autocast_enabled(h.device.type):
         # the kernel's matmuls write into its buffer (out=) or run in backward, where autocast does not
@@ -324,6 +346,8 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
 
 def batch_logps(model, tokens, loss_mask):
     """log pi(y|x) of each of the B*K rows [B*K]: one forward pass, then the fused LM-head log-prob over
-    the response positions only (position t predicts token t + 1)."""
+    the response positions only (position t predicts token t + 1). loss_mask: [B*K, T] bool, or its True
+    positions (rows, cols) as data.collate gives them under "scored" (no host sync: see sequence_logps)."""
     h = model.hidden(tokens[:, :-1])  # [B*K, T-1, d]
-    return sequence_logps(h, model.output.weight, tokens[:, 1:], loss_mask[:, 1:])  # [B*K]
+    mask = loss_mask[:, 1:] if isinstance(loss_mask, torch.Tensor) else (loss_mask[0], loss_mask[1] - 1)
+    return sequence_logps(h, model.output.weight, tokens[:, 1:], mask)  # [B*K]

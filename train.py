@@ -558,7 +558,8 @@ def reference_cache(run, model, tok, examples, data_path, key):
         ids = mine[b * run.batch_size:(b + 1) * run.batch_size]
         batch = collate(run, tok, [examples[j] for j in ids or [0]])
         with autocast(run):
-            logps = nca.batch_logps(model, batch["tokens"].to(run.device), batch["loss_mask"].to(run.device))
+            logps = nca.batch_logps(model, to_device(batch["tokens"], run.device),
+                                    tuple(to_device(x, run.device) for x in batch["scored"]))
         out.append(logps.float().cpu()[:len(ids) * run.K])  # a filler batch (no ids) keeps nothing
     parts = [(mine, torch.cat(out))]
     if run.world > 1:  # every rank's share, to every rank
@@ -573,7 +574,7 @@ def reference_cache(run, model, tok, examples, data_path, key):
     return ref
 
 
-def reference_logps(run, model, ref, ids, tokens, mask):
+def reference_logps(run, model, ref, ids, tokens, scored):
     """log mu(y|x) [B*K] of a micro-batch, whichever way this run gets the reference policy mu:
         precompute  ref is the [N, K] cache of the initial weights (reference_cache), ids index it
         adapters    the policy itself with its LoRA adapters switched off: at B = 0 the model IS mu
@@ -582,24 +583,33 @@ def reference_logps(run, model, ref, ids, tokens, mask):
     if run.ref == "none":
         return None
     if run.ref == "precompute":
-        return ref[ids].to(run.device).flatten()
+        return to_device(ref[ids], run.device).flatten()
     with torch.no_grad(), autocast(run), lora.disabled(model) if run.ref == "adapters" else nullcontext():
-        return nca.batch_logps(ref if run.ref == "copy" else model, tokens, mask)
+        return nca.batch_logps(ref if run.ref == "copy" else model, tokens, scored)
 
 
 # ----------------------------------------------------------------------------- one micro-batch
 
+def to_device(t, device):
+    """A host tensor onto the device without making the host wait: CUDA copies from pageable memory
+    synchronously (the host waits for the queued kernels), from pinned memory asynchronously."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def forward(run, model, tok, ref, examples, ids):
-    """(loss, metrics, tokens) of one micro-batch of prompts examples[ids]; the metrics are 0-dim tensors or
-    numbers, so nothing here waits for the device."""
+    """(loss, metrics, tokens) of one micro-batch of prompts examples[ids]. Nothing here waits for the device
+    (tests/test_train.py counts): the batch is made on the host and copied asynchronously, the scored
+    positions come from collate, value checks run on the device (nca.require), and the metrics stay
+    0-dim tensors or numbers until the step's one all_mean."""
     batch = collate(run, tok, [examples[i] for i in ids])
-    tokens, mask, rewards = (batch[k].to(run.device) for k in ("tokens", "loss_mask", "rewards"))
+    tokens, mask, rewards = (to_device(batch[k], run.device) for k in ("tokens", "loss_mask", "rewards"))
+    scored = tuple(to_device(x, run.device) for x in batch["scored"])
     with autocast(run):
-        logps = nca.batch_logps(model, tokens, mask).view(rewards.shape)  # [B, K] float32
+        logps = nca.batch_logps(model, tokens, scored).view(rewards.shape)  # [B, K] float32
     stats = {"truncated": batch["responses_truncated"] / mask.shape[0]}  # share of responses cut at --max-length
     if run.loss == "sft":  # mean NLL per response token, averaged over sequences
         return -(logps / mask[:, 1:].sum(-1).view(rewards.shape).clamp(min=1)).mean(), stats, tokens.numel()
-    ref_logps = reference_logps(run, model, ref, ids, tokens, mask).view(rewards.shape)  # [B, K]
+    ref_logps = reference_logps(run, model, ref, ids, tokens, scored).view(rewards.shape)  # [B, K]
     temperature = {} if run.loss in nca.PAIR_LOSSES else {"alpha": run.alpha}  # pairs have no reward temperature
     loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, beta=run.beta, **temperature).mean()
     return loss, {**nca.metrics(logps.detach(), ref_logps, rewards, beta=run.beta), **stats}, tokens.numel()

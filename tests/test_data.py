@@ -707,6 +707,7 @@ def test_scored_tokens_are_exactly_the_response_tokens_and_end_of_turn(template_
             n = len(whole)
             assert (row[n:] == tok.pad_id).all() and not mask[n:].any()
     assert batch["tokens"].shape[1] == max(int(m.nonzero().max()) + 1 for m in batch["loss_mask"])  # no extra padding
+    assert [x.tolist() for x in batch["scored"]] == batch["loss_mask"].nonzero().T.tolist()  # the mask's True positions
 
 
 def test_an_end_of_turn_marker_that_is_no_special_token_of_the_tokenizer_is_refused(sp_v1):

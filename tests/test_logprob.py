@@ -143,6 +143,20 @@ def test_unmasked_positions_never_reach_the_kernel():
     torch.testing.assert_close(nca.sequence_logps(h, W, targets, mask), ref)  # default impl: fused
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_the_scored_positions_give_what_the_mask_gives_and_no_host_sync(host_syncs, impl):
+    h, W, targets, mask = batch(B=3, T=9, d=8, V=50)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    positions = mask.nonzero(as_tuple=True)
+    with host_syncs:
+        got = value_and_grads(impl, h, W.requires_grad_(), targets, positions, g)
+    assert host_syncs.ops == []
+    for a, b in zip(got, value_and_grads(impl, h, W, targets, mask, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="two LongTensors"):
+        nca.sequence_logps(h, W, targets, (positions[0], positions[1][:-1]))
+
+
 def test_default_impl_is_the_fused_kernel(monkeypatch):
     calls = []
     apply = nca.FusedLogp.apply

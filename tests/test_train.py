@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.optim.optimizer as optimizer_hooks
 
 import data
 import lora
@@ -655,3 +656,54 @@ def test_an_out_that_cannot_be_created_is_one_line_and_a_failed_export_keeps_the
     assert "No space left on device" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in final.iterdir()} == before
     assert sorted(f.name for f in final.parent.iterdir()) == ["ckpt", "curves.png", "final", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("loss, extra", [("sft", []), ("dpo", ["--pairs", "dpo"]), ("infonca", []), ("nca", []),
+                                         ("nca_pair", ["--pairs", "dpo"]), ("nca", ["--ref", "copy"]),
+                                         ("nca", ["--lora-rank", "4", "--lora-dropout", "0.1"]),
+                                         ("nca", ["--checkpointing", "--dtype", "bfloat16"])])
+def test_a_micro_batch_forward_and_backward_never_wait_for_the_device(tmp_path, host_syncs, loss, extra):
+    # A CPU run shows what a CUDA run would wait for (conftest.HostSyncs). Before: the scored positions were
+    # found with nonzero, the target range read with min / max (policy and reference alike) and the rewards'
+    # isfinite read in the loss and in the metrics: 8 waits per NCA micro-batch.
+    path = write_reward_data(tmp_path / "data.jsonl", n=4, K=4)
+    args = train.parse_args(["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--loss", loss, *extra])
+    examples = train.prepare_examples(path, args, "--data")
+    run = train.configure(args, examples, 0, 1, torch.device("cpu"))
+    model = tiny()
+    ref = {"precompute": torch.randn(len(examples), run.K) - 30, "copy": tiny(), "adapters": None, "none": None}[run.ref]
+    if run.lora_rank:
+        lora.inject(model, run.lora_targets, run.lora_rank, run.lora_alpha, run.lora_dropout)
+    model.checkpoint_activations = run.checkpointing
+    tok = data.load_tokenizer("byte")
+    with host_syncs:
+        loss_value, stats, _ = train.forward(run, model, tok, ref, examples, [0, 1])
+        loss_value.backward()
+    assert host_syncs.ops == []
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with host_syncs:  # the counter does see a sync: a direct caller handing over the mask pays one nonzero
+        batch = train.collate(run, tok, examples[:1])
+        nca.batch_logps(model, batch["tokens"], batch["loss_mask"])
+    assert host_syncs.ops == ["aten.nonzero.default"]
+
+
+@pytest.mark.parametrize("extra", [["--lora-rank", "4"], ["--checkpointing"]])
+def test_the_training_loop_waits_for_the_device_once_per_step(tmp_path, host_syncs, extra):
+    # Per optimizer step the host reads the device once: all_mean's tolist of the step's metrics (and
+    # grad_norm). Not counted: AdamW's own reads, of its step counts, which PyTorch keeps on the host
+    # (state["step"] is a CPU tensor unless capturable or fused), so on a GPU they wait for nothing.
+    in_optimizer = []
+    hooks = [optimizer_hooks.register_optimizer_step_pre_hook(lambda *a: in_optimizer.append(len(host_syncs.ops))),
+             optimizer_hooks.register_optimizer_step_post_hook(lambda *a: in_optimizer.append(len(host_syncs.ops)))]
+    train.permutation.cache_clear()  # the shuffles below are computed, not remembered from another test
+    try:
+        with host_syncs:
+            run(tmp_path, *extra, "--batch-size", "2", "--grad-accum", "2", "--steps", "2", "--no-export")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(in_optimizer) == 4
+    (a, b), (c, d) = in_optimizer[:2], in_optimizer[2:]
+    outside = host_syncs.ops[:a] + host_syncs.ops[b:c] + host_syncs.ops[d:]
+    # 2 x tolist of the seeded shuffles of the example indices (held-out split, epoch 0; host tensors) + 1 per step
+    assert outside == ["tolist"] * (2 + 2), outside
