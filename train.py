@@ -472,7 +472,8 @@ def memory_plan(a, *, lora_rank, targets, dropout, quantize, dtype, world, dist_
     # same tile, g h [N, d] and dW in float32 then cast
     workspace = rows * cols * (4 + c) + rows * a.dim * 4 + (N * a.dim * 4 + a.vocab_size * a.dim * (4 + c) if full else 0)
     out = {
-        "weights": weights // shard,
+        # FSDP2 shards parameters, not buffers: the NF4 codes (buffers) stay whole on every GPU
+        "weights": ((P - q_numel) * base.itemsize) // shard + weights - (P - q_numel) * base.itemsize,
         "adapters (float32)": A * 4 // shard,
         "gradients (float32)": trainable * 4 // shard,
         "AdamW states (2 x float32)": trainable * 8 // shard,
