@@ -149,15 +149,16 @@ def packed_mask(prompt, response, pos, window=None, flex=None):
     R, L = prompt.shape
     if prompt.device.type == "cuda" if flex is None else flex:
         return create_block_mask(rule, R, None, L, L, device=prompt.device)
-    i = torch.arange(L, device=prompt.device)
-    return rule(torch.arange(R, device=prompt.device)[:, None, None, None], None, i[:, None], i[None, :])  # [R, 1, L, L]
+    b, i = torch.arange(R, device=prompt.device), torch.arange(L, device=prompt.device)
+    return rule(b[:, None, None, None], None, i[:, None], i[None, :])  # [R, 1, L, L]
 
 
 @functools.cache
 def _flex_attention():
     """FlexAttention compiled (on first use: torch.compile costs seconds even to set up). Compiled it is one
-    fused kernel; eager it would materialise the [T, T] scores (torch warns). Not dynamic=True: on CPU,
-    torch 2.13's inductor then writes C++ that does not compile."""
+    fused kernel; eager it would materialise the [T, T] scores (torch warns). A second row length
+    recompiles it for dynamic shapes, once; on CPU torch 2.13's inductor then writes C++ that does not
+    compile (seen here), one more reason CPU takes SDPA. On CUDA (Triton) not yet run."""
     return torch.compile(flex_attention)
 
 

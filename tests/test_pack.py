@@ -28,7 +28,8 @@ def test_the_docstring_picture_by_hand():
 
 
 def test_groups_go_to_the_first_row_with_room_and_a_long_group_gets_its_own_row():
-    groups = [([1] * 4, [[2] * 3, [3] * 2]), ([4] * 2, [[5] * 2, [6]]), ([7] * 9, [[8] * 9, [9] * 9]), ([1], [[2], [3]])]
+    groups = [([1] * 4, [[2] * 3, [3] * 2]), ([4] * 2, [[5] * 2, [6]]), ([7] * 9, [[8] * 9, [9] * 9]),
+              ([1], [[2], [3]])]
     b = data.packed_batch(groups, pad_id=0, pack_tokens=12)  # lengths 9, 5, 27, 3
     # row 0: group 0 (9) + group 3 (3) = 12; row 1: group 1; row 2: group 2, over the budget, alone
     assert [sorted(set(r.tolist()) - {-1}) for r in b["prompt"]] == [[0, 3], [1], [2]]
@@ -78,8 +79,8 @@ def assert_same(padded, packed):
 def test_packed_equals_padded_log_probs_and_gradients(K, pack_tokens):
     padded, packed = padded_and_packed(tiny(), examples(K), pack_tokens)
     pb, qb = padded[2], packed[2]
-    assert (pb["prompts_truncated"], pb["responses_truncated"]) == (qb["prompts_truncated"], qb["responses_truncated"]) \
-        == (1, 2)
+    for key in ("prompts_truncated", "responses_truncated"):
+        assert pb[key] == qb[key] == {"prompts_truncated": 1, "responses_truncated": 2}[key]
     assert qb["loss_mask"].sum() == pb["loss_mask"].sum()  # the same scored tokens, now without the repeated prompts
     assert qb["tokens"].numel() < pb["tokens"].numel()
     if pack_tokens == 400:
