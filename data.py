@@ -924,9 +924,9 @@ def pack(examples, tok, *, pack_tokens, template="none", max_length=1024, max_pr
 def packed_batch(groups, pad_id, pack_tokens) -> dict:
     """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens, each holding whole
     prompt groups (a prompt, then its K responses), right padded to the longest row L. Two prompts
-    (b = 0: P P P P, K = 2; b = 1: Q Q) in one row:
+    (b = 0: P P P P with responses x, y; b = 1: Q Q with u, v) in one row:
 
-        tokens     P0 P1 P2 P3 | a0 a1 a2 | b0 b1 | Q0 Q1 | c0 c1 | d0 | pad
+        tokens     P0 P1 P2 P3 | x0 x1 x2 | y0 y1 | Q0 Q1 | u0 u1 | v0 | pad
         pos         0  1  2  3 |  4  5  6 |  4  5 |  0  1 |  2  3 |  2 |   0
         prompt      0  0  0  0 |  0  0  0 |  0  0 |  1  1 |  1  1 |  1 |  -1
         response   -1 -1 -1 -1 |  0  0  0 |  1  1 | -1 -1 |  0  0 |  1 |  -1
@@ -940,7 +940,7 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
     prompt's last token for a response's first token (the same prediction collate's row makes).
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
     (a response never leaves its prompt's row)."""
-    rows = []  # per row: [(b, prompt ids, responses)]
+    rows = []  # per row: [((b, prompt ids, responses), tokens)]
     for b, (p, responses) in enumerate(groups):
         n = len(p) + sum(map(len, responses))
         row = next((row for row in rows if sum(m for _, m in row) + n <= pack_tokens), None)
