@@ -274,7 +274,8 @@ def train_variant(variant, vocab, steps, threads):
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
     print(json.dumps({"tokens_per_s": B * K * (P + R) / step_s, "step_s": step_s,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 # --lengths ultrafeedback: micro-batches of 2 prompts x K = 4 responses with UltraFeedback-like lengths
@@ -302,9 +303,9 @@ def ultrafeedback_groups(gen, vocab):
     return groups
 
 
-def pack_variant(shape, path, steps, threads, pack_tokens):
-    """Run in a fresh process (ru_maxrss is this path's own peak): forward + backward of the NCA loss over
-    steps + 1 seeded micro-batches (the first warms up), padded (collate's layout, batch_logps) or packed
+def pack_variant(shape, path, steps, threads, pack_tokens, device):
+    """Run in a fresh process (its peak memory is this path's own: ru_maxrss, or CUDA's allocator peak):
+    forward + backward of the NCA loss over steps + 1 seeded micro-batches (the first warms up), padded (collate's layout, batch_logps) or packed
     (data.packed_batch, packed_logps). Tokens counted: each prompt token once plus each response token."""
     import json
     import resource
@@ -314,52 +315,60 @@ def pack_variant(shape, path, steps, threads, pack_tokens):
     from model import ModelArgs, Transformer
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**PACK_SHAPES[shape], max_seq_len=PACK_MAX))
+    device = torch.device(device)
+    model = Transformer(ModelArgs(**PACK_SHAPES[shape], max_seq_len=PACK_MAX)).to(device)
     gen = torch.Generator().manual_seed(0)
-    rewards = torch.arange(PACK_K, dtype=torch.float32).expand(PACK_B, PACK_K)  # [B, K]
+    rewards = torch.arange(PACK_K, dtype=torch.float32, device=device).expand(PACK_B, PACK_K)  # [B, K]
     times, counted, computed = [], [], []
     for _ in range(steps + 1):
         groups = ultrafeedback_groups(gen, model.args.vocab_size)
+        sync(device)
         t0 = time.perf_counter()
         if path == "padded":
-            b = data.padded_batch(groups, pad_id=0)
+            b = {k: v.to(device) for k, v in data.padded_batch(groups, pad_id=0).items()}
             logps = nca.batch_logps(model, b["tokens"], b["loss_mask"]).view(PACK_B, PACK_K)
         else:
-            b = {**data.packed_batch(groups, pad_id=0, pack_tokens=pack_tokens), "rewards": rewards}
+            b = {k: v.to(device) for k, v in data.packed_batch(groups, pad_id=0, pack_tokens=pack_tokens).items()}
+            b["rewards"] = rewards
             logps = nca.packed_logps(model, b)
         nca.nca_loss(logps, logps.detach() - 1, rewards, alpha=1.0, beta=0.1).mean().backward()
         model.zero_grad(set_to_none=True)
+        sync(device)
         times.append(time.perf_counter() - t0)
         counted.append(sum(len(p) + sum(map(len, rs)) for p, rs in groups))
         computed.append(b["tokens"].numel())
     print(json.dumps({"tokens_per_s": sum(counted[1:]) / sum(times[1:]), "computed_x": sum(computed) / sum(counted),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def bench_pack(args):
     import json
     import subprocess
     print(f"forward + backward (NCA loss), {PACK_B} prompts x K = {PACK_K} per micro-batch, UltraFeedback-like "
-          f"lengths (bench.py: PACK_SHAPES), float32, {args.threads} threads, pack_tokens {args.pack_tokens}; "
+          f"lengths (bench.py: PACK_SHAPES), float32 on {args.device} ({args.threads} CPU threads), pack_tokens "
+          f"{args.pack_tokens}, attention of packed rows: " + ("FlexAttention" if args.device == "cuda" else
+                                                               "SDPA with a dense bool mask") + "; "
           f"each path in a fresh process, {args.steps} seeded micro-batches after one warm-up, best of {args.rounds} "
           f"interleaved rounds. tokens/s counts each prompt token once plus each response token; 'computed' is "
-          f"the tokens the transformer runs over, per counted token")
-    print(f"{'shape':>5} {'path':7s} {'tokens/s':>9} {'computed':>9} {'peak RSS MB':>12} {'speed x':>8} {'RSS x':>6}")
+          f"the tokens the transformer runs over, per counted token; peak MB: RSS on CPU, allocated on CUDA")
+    print(f"{'shape':>5} {'path':7s} {'tokens/s':>9} {'computed':>9} {'peak MB':>8} {'speed x':>8} {'mem x':>6}")
     for shape in args.shapes:
         rows = {}
         for _ in range(args.rounds):
             for path in ("padded", "packed"):
                 out = subprocess.run([sys.executable, __file__, "train", "--lengths", "ultrafeedback", "--variant",
                                       path, "--shapes", shape, "--steps", str(args.steps), "--threads",
-                                      str(args.threads), "--pack-tokens", str(args.pack_tokens)],
+                                      str(args.threads), "--pack-tokens", str(args.pack_tokens), "--device",
+                                      args.device],
                                      capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 if path not in rows or r["tokens_per_s"] > rows[path]["tokens_per_s"]:
                     rows[path] = r
         for path, r in rows.items():
-            print(f"{shape:>5} {path:7s} {r['tokens_per_s']:>9.0f} {r['computed_x']:>9.2f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{shape:>5} {path:7s} {r['tokens_per_s']:>9.0f} {r['computed_x']:>9.2f} {r['peak_mb']:>8.0f} "
                   f"{r['tokens_per_s'] / rows['padded']['tokens_per_s']:>8.2f} "
-                  f"{r['peak_rss_mb'] / rows['padded']['peak_rss_mb']:>6.2f}")
+                  f"{r['peak_mb'] / rows['padded']['peak_mb']:>6.2f}")
 
 
 def bench_train(argv):
@@ -376,11 +385,13 @@ def bench_train(argv):
                    help="fixed: the training step below; ultrafeedback: padded vs packed batches (see PACK_SHAPES)")
     p.add_argument("--shapes", nargs="+", choices=sorted(PACK_SHAPES), default=["tiny", "wide"])
     p.add_argument("--pack-tokens", type=int, default=PACK_B * PACK_MAX, help="packed row budget (data.packed_batch)")
+    p.add_argument("--device", default="cpu", help="--lengths ultrafeedback: cpu or cuda")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
     if args.lengths == "ultrafeedback":
         if args.variant:
-            return pack_variant(args.shapes[0], args.variant, args.steps, args.threads, args.pack_tokens)
+            return pack_variant(args.shapes[0], args.variant, args.steps, args.threads, args.pack_tokens,
+                                args.device)
         return bench_pack(args)
     if args.variant:
         return train_variant(args.variant, args.vocab[0], args.steps, args.threads)
@@ -388,7 +399,7 @@ def bench_train(argv):
           f"each variant in a fresh process, median of {args.steps} steps, best of {args.rounds} interleaved rounds")
     for name, what in TRAIN_VARIANTS.items():
         print(f"  {name:20s} {what}")
-    print(f"{'vocab':>7} {'variant':20s} {'tokens/s':>9} {'peak RSS MB':>12} {'speed x':>8} {'RSS x':>6}")
+    print(f"{'vocab':>7} {'variant':20s} {'tokens/s':>9} {'peak MB':>8} {'speed x':>8} {'mem x':>6}")
     for vocab in args.vocab:
         rows = {}
         for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every variant alike
@@ -401,7 +412,7 @@ def bench_train(argv):
                     rows[name] = r
         base = rows["plain, frozen copy"]
         for name, r in rows.items():  # ratios against the plain loop with a frozen reference copy
-            print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_mb']:>8.0f} "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")
 
 BENCHES = {"logprob": bench_logprob, "lora": bench_lora, "train": bench_train}
