@@ -105,6 +105,12 @@ def test_with_a_sliding_window_each_token_sees_what_it_sees_alone():
     assert_same(padded, packed)
 
 
+def test_with_activation_checkpointing():  # the mask goes through torch.utils.checkpoint with the blocks
+    m = tiny()
+    m.checkpoint_activations = True
+    assert_same(*padded_and_packed(m, examples(4), 100))
+
+
 def test_with_lora_adapters_on_and_off():
     m = tiny()
     lora.inject(m, r=4)
