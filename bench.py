@@ -4,6 +4,7 @@ Every number is a ratio measured side by side in one run (these machines are noi
 best existing implementation we can run here. README records each table with its command.
 """
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -276,8 +277,103 @@ def train_variant(variant, vocab, steps, threads):
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+# --lengths ultrafeedback: micro-batches of 2 prompts x K = 4 responses with UltraFeedback-like lengths
+# (issue 14): prompt ~ LogNormal(median 100, sigma 0.8) cut to [8, 512] (mean ~140, 1% at 512); response ~
+# LogNormal(median 250, sigma 0.5) cut to [1, 1024 - prompt] (mean ~280). Token ids are random: the cost
+# of a step does not depend on them.
+PACK_SHAPES = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192),  # PRESETS["tiny"]
+    "wide": dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, vocab_size=32000, hidden_dim=2816),
+}
+PACK_B, PACK_K, PACK_MAX = 2, 4, 1024
+
+
+def ultrafeedback_groups(gen, vocab):
+    """One micro-batch: [(prompt ids, [K response ids])] * PACK_B with the lengths above."""
+    def ids(n):
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    def lognormal(median, sigma):
+        return math.exp(math.log(median) + sigma * torch.randn((), generator=gen).item())
+    groups = []
+    for _ in range(PACK_B):
+        P = min(max(round(lognormal(100, 0.8)), 8), 512)
+        groups.append((ids(P), [ids(min(max(round(lognormal(250, 0.5)), 1), PACK_MAX - P)) for _ in range(PACK_K)]))
+    return groups
+
+
+def pack_variant(shape, path, steps, threads, pack_tokens, device):
+    """Run in a fresh process (its peak memory is this path's own: ru_maxrss, or CUDA's allocator peak):
+    forward + backward of the NCA loss over steps + 1 seeded micro-batches (the first warms up), padded (collate's layout, batch_logps) or packed
+    (data.packed_batch, packed_logps). Tokens counted: each prompt token once plus each response token."""
+    import json
+    import resource
+
+    import data
+    import nca
+    from model import ModelArgs, Transformer
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = Transformer(ModelArgs(**PACK_SHAPES[shape], max_seq_len=PACK_MAX)).to(device)
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.arange(PACK_K, dtype=torch.float32, device=device).expand(PACK_B, PACK_K)  # [B, K]
+    times, counted, computed = [], [], []
+    for _ in range(steps + 1):
+        groups = ultrafeedback_groups(gen, model.args.vocab_size)
+        sync(device)
+        t0 = time.perf_counter()
+        if path == "padded":
+            b = data.padded_batch(groups, pad_id=0)
+            logps = nca.batch_logps(model, b["tokens"].to(device), tuple(x.to(device) for x in b["scored"]))
+            logps = logps.view(PACK_B, PACK_K)
+        else:
+            b = {k: v.to(device) for k, v in data.packed_batch(groups, pad_id=0, pack_tokens=pack_tokens).items()}
+            b["rewards"] = rewards
+            logps = nca.packed_logps(model, b)
+        nca.nca_loss(logps, logps.detach() - 1, rewards, alpha=1.0, beta=0.1).mean().backward()
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        counted.append(sum(len(p) + sum(map(len, rs)) for p, rs in groups))
+        computed.append(b["tokens"].numel())
+    print(json.dumps({"tokens_per_s": sum(counted[1:]) / sum(times[1:]), "computed_x": sum(computed) / sum(counted),
+                      "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_pack(args):
+    import json
+    import subprocess
+    print(f"forward + backward (NCA loss), {PACK_B} prompts x K = {PACK_K} per micro-batch, UltraFeedback-like "
+          f"lengths (bench.py: PACK_SHAPES), float32 on {args.device} ({args.threads} CPU threads), pack_tokens "
+          f"{args.pack_tokens}, attention of packed rows: " + ("FlexAttention" if args.device == "cuda" else
+                                                               "SDPA with a dense bool mask") + "; "
+          f"each path in a fresh process, {args.steps} seeded micro-batches after one warm-up, best of {args.rounds} "
+          f"interleaved rounds. tokens/s counts each prompt token once plus each response token; 'computed' is "
+          f"the tokens the transformer runs over, per counted token; peak MB: RSS on CPU, allocated on CUDA")
+    print(f"{'shape':>5} {'path':7s} {'tokens/s':>9} {'computed':>9} {'peak MB':>8} {'speed x':>8} {'mem x':>6}")
+    for shape in args.shapes:
+        rows = {}
+        for _ in range(args.rounds):
+            for path in ("padded", "packed"):
+                out = subprocess.run([sys.executable, __file__, "train", "--lengths", "ultrafeedback", "--variant",
+                                      path, "--shapes", shape, "--steps", str(args.steps), "--threads",
+                                      str(args.threads), "--pack-tokens", str(args.pack_tokens), "--device",
+                                      args.device],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if path not in rows or r["tokens_per_s"] > rows[path]["tokens_per_s"]:
+                    rows[path] = r
+        for path, r in rows.items():
+            print(f"{shape:>5} {path:7s} {r['tokens_per_s']:>9.0f} {r['computed_x']:>9.2f} {r['peak_mb']:>8.0f} "
+                  f"{r['tokens_per_s'] / rows['padded']['tokens_per_s']:>8.2f} "
+                  f"{r['peak_mb'] / rows['padded']['peak_mb']:>6.2f}")
+
+
 def bench_train(argv):
-    """python bench.py train [--vocab 32000 128256] [--steps 2] [--rounds 2] [--threads 2]"""
+    """python bench.py train [--vocab 32000 128256] [--steps 2] [--rounds 2] [--threads 2];
+    python bench.py train --lengths ultrafeedback [--shapes tiny wide] [--pack-tokens 2048]: padded vs packed"""
     import json
     import subprocess
     p = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
@@ -285,15 +381,25 @@ def bench_train(argv):
     p.add_argument("--steps", type=int, default=2, help="timed steps per process (median), after one warm-up")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all variants, interleaved; best round kept")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lengths", choices=["fixed", "ultrafeedback"], default="fixed",
+                   help="fixed: the training step below; ultrafeedback: padded vs packed batches (see PACK_SHAPES)")
+    p.add_argument("--shapes", nargs="+", choices=sorted(PACK_SHAPES), default=["tiny", "wide"])
+    p.add_argument("--pack-tokens", type=int, default=PACK_B * PACK_MAX, help="packed row budget (data.packed_batch)")
+    p.add_argument("--device", default="cpu", help="--lengths ultrafeedback: cpu or cuda")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
+    if args.lengths == "ultrafeedback":
+        if args.variant:
+            return pack_variant(args.shapes[0], args.variant, args.steps, args.threads, args.pack_tokens,
+                                args.device)
+        return bench_pack(args)
     if args.variant:
         return train_variant(args.variant, args.vocab[0], args.steps, args.threads)
     print(f"training step, dim 256, 4 layers, 8 pairs (K = 2) x (64 + 192) tokens, float32, {args.threads} threads; "
           f"each variant in a fresh process, median of {args.steps} steps, best of {args.rounds} interleaved rounds")
     for name, what in TRAIN_VARIANTS.items():
         print(f"  {name:20s} {what}")
-    print(f"{'vocab':>7} {'variant':20s} {'tokens/s':>9} {'peak RSS MB':>12} {'speed x':>8} {'RSS x':>6}")
+    print(f"{'vocab':>7} {'variant':20s} {'tokens/s':>9} {'peak MB':>8} {'speed x':>8} {'mem x':>6}")
     for vocab in args.vocab:
         rows = {}
         for _ in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every variant alike
@@ -306,7 +412,7 @@ def bench_train(argv):
                     rows[name] = r
         base = rows["plain, frozen copy"]
         for name, r in rows.items():  # ratios against the plain loop with a frozen reference copy
-            print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{vocab:>7} {name:20s} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>8.0f} "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")
 
 

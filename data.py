@@ -10,7 +10,7 @@ Read top to bottom:
 3. `TEMPLATES`, `render` and `encode_chat`: chat templates equal to the models' official formats; only
    template markup makes control tokens, message text never does.
 4. `collate`: tokens [B*K, T], loss_mask [B*K, T], rewards [B, K] (train.py picks the examples of each
-   step in a seeded, resumable order).
+   step in a seeded, resumable order); `pack`: the same ids with each prompt computed once for its K responses.
 """
 import base64
 import json
@@ -847,22 +847,20 @@ def encode_chat(tok, template, units) -> list[int]:
 # ----------------------------------------------------------------------------- batching
 
 
-def collate(examples, tok, *, template="none", max_length=1024, max_prompt_length=512) -> dict:
-    """B examples of K responses -> tokens [B*K, T] (row b*K + k = prompt b + response k, right padded
-    to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
-    turn), scored (loss_mask's True positions, rows and columns [M]), rewards [B, K], and how many prompts
-    / responses were truncated.
+def encode(examples, tok, *, template="none", max_length=1024, max_prompt_length=512):
+    """B examples of K responses -> [(prompt ids, [K response ids])] and how many prompts / responses were
+    truncated: the ids collate and pack both lay out, so the padded and packed batches cannot drift.
 
     The response is rendered inside the conversation, as the official implementation encodes it (see
     "chat templates"), and its ids are what follows the prompt's; they end with the end of turn,
     `end_of_turn`. A long prompt keeps its BOS and its end (the question sits next to the answer); a
-    long response keeps its start."""
+    long response keeps its start, so that prompt + response fits max_length."""
     common_k(examples, "collate")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     bos = [] if tok.bos_id is None else [tok.bos_id]
     end_of_turn(tok, template)  # refuses a template that does not fit the tokeniser
-    rows, n_prompt, n_response = [], 0, 0
+    groups, n_prompt, n_response = [], 0, 0
     for ex in examples:
         p = whole_p = encode_chat(tok, template, render(template, ex.prompt))
         if len(bos) + len(p) > max_prompt_length:
@@ -871,6 +869,7 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
         p = bos + p
         if not p:
             raise ValueError("collate: empty prompt and no BOS token: the first response token could not be scored")
+        responses = []
         for y in ex.responses:
             units = render(template, ex.prompt, y)
             whole = encode_chat(tok, template, units)
@@ -882,20 +881,97 @@ def collate(examples, tok, *, template="none", max_length=1024, max_prompt_lengt
             if len(p) + len(r) > max_length:
                 n_response += 1
                 r = r[:max_length - len(p)]
-            rows.append((p, r))
+            responses.append(r)
+        groups.append((p, responses))
+    return groups, n_prompt, n_response
+
+
+def collate(examples, tok, *, template="none", max_length=1024, max_prompt_length=512) -> dict:
+    """B examples of K responses -> tokens [B*K, T] (row b*K + k = prompt b + response k, right padded
+    to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
+    turn), scored (loss_mask's True positions, rows and columns [M]), rewards [B, K], and how many prompts
+    / responses were truncated (see encode)."""
+    groups, n_prompt, n_response = encode(examples, tok, template=template, max_length=max_length,
+                                          max_prompt_length=max_prompt_length)
+    return {**padded_batch(groups, tok.pad_id), "rewards": _rewards(examples),
+            "prompts_truncated": n_prompt, "responses_truncated": n_response}
+
+
+def _rewards(examples):
+    return torch.tensor([ex.rewards for ex in examples], dtype=torch.float32)  # [B, K]
+
+
+def padded_batch(groups, pad_id) -> dict:
+    """[(prompt ids, [K response ids])] * B -> tokens, loss_mask [B*K, T]: one row per response (see collate)."""
+    rows = [(p, r) for p, responses in groups for r in responses]
     T = max(len(p) + len(r) for p, r in rows)
-    tokens = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)  # [B*K, T]
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [B*K, T]
     loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)  # [B*K, T]
     for i, (p, r) in enumerate(rows):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         loss_mask[i, len(p):len(p) + len(r)] = True
-    rewards = torch.tensor([ex.rewards for ex in examples], dtype=torch.float32)  # [B, K]
     # loss_mask's True positions from the lengths, as (rows, cols) [M] each: found in the mask on a GPU
     # (nonzero) they would make the host wait for the device (nca.sequence_logps)
     scored = torch.tensor([(i, j) for i, (p, r) in enumerate(rows) for j in range(len(p), len(p) + len(r))],
                           dtype=torch.long).view(-1, 2)
-    return {"tokens": tokens, "loss_mask": loss_mask, "scored": tuple(scored.T.contiguous()), "rewards": rewards,
+    return {"tokens": tokens, "loss_mask": loss_mask, "scored": tuple(scored.T.contiguous())}
+
+
+def pack(examples, tok, *, pack_tokens, template="none", max_length=1024, max_prompt_length=512) -> dict:
+    """The batch collate makes, packed: each prompt once, followed by its K responses (see packed_batch);
+    same ids, truncation and rewards [B, K]."""
+    groups, n_prompt, n_response = encode(examples, tok, template=template, max_length=max_length,
+                                          max_prompt_length=max_prompt_length)
+    return {**packed_batch(groups, tok.pad_id, pack_tokens), "rewards": _rewards(examples),
             "prompts_truncated": n_prompt, "responses_truncated": n_response}
+
+
+def packed_batch(groups, pad_id, pack_tokens) -> dict:
+    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens, each holding whole
+    prompt groups (a prompt, then its K responses), right padded to the longest row L. Two prompts
+    (b = 0: P P P P with responses x, y; b = 1: Q Q with u, v) in one row:
+
+        tokens     P0 P1 P2 P3 | x0 x1 x2 | y0 y1 | Q0 Q1 | u0 u1 | v0 | pad
+        pos         0  1  2  3 |  4  5  6 |  4  5 |  0  1 |  2  3 |  2 |   0
+        prompt      0  0  0  0 |  0  0  0 |  0  0 |  1  1 |  1  1 |  1 |  -1
+        response   -1 -1 -1 -1 |  0  0  0 |  1  1 | -1 -1 |  0  0 |  1 |  -1
+        source                 |  3  4  5 |  3  7 |       | 10 11 | 10 |
+
+    pos restarts after the prompt for every response, so with model.packed_mask (a response sees its
+    prompt and its own earlier tokens) response k of prompt b gets exactly the logits it gets alone in
+    collate's row. Returns tokens, pos, prompt, response [R, L] (prompt: b, -1 on padding; response: k,
+    -1 on prompt tokens and padding), loss_mask [R, L] (the responses' tokens, as collate's) and source
+    [R, L]: for a scored token, the column whose hidden state predicts it: the one before it, or the
+    prompt's last token for a response's first token (the same prediction collate's row makes).
+    Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
+    (a response never leaves its prompt's row)."""
+    rows = []  # per row: [((b, prompt ids, responses), tokens)]
+    for b, (p, responses) in enumerate(groups):
+        n = len(p) + sum(map(len, responses))
+        row = next((row for row in rows if sum(m for _, m in row) + n <= pack_tokens), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(((b, p, responses), n))
+    L = max(sum(n for _, n in row) for row in rows)
+    tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [R, L]
+    pos, source = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
+    prompt, response = torch.full((len(rows), L), -1), torch.full((len(rows), L), -1)
+    for i, row in enumerate(rows):
+        t = 0
+        for (b, p, responses), _ in row:
+            tokens[i, t:t + len(p)] = torch.tensor(p)
+            pos[i, t:t + len(p)] = torch.arange(len(p))
+            prompt[i, t:t + len(p)] = b
+            last, t = t + len(p) - 1, t + len(p)  # the prompt's last column predicts every response's first token
+            for k, r in enumerate(responses):
+                tokens[i, t:t + len(r)] = torch.tensor(r)
+                pos[i, t:t + len(r)] = torch.arange(len(p), len(p) + len(r))
+                prompt[i, t:t + len(r)], response[i, t:t + len(r)] = b, k
+                source[i, t:t + len(r)] = torch.arange(t - 1, t + len(r) - 1)
+                source[i, t] = last
+                t += len(r)
+    return {"tokens": tokens, "pos": pos, "prompt": prompt, "response": response, "loss_mask": response >= 0,
+            "source": source}
 
 
 def prompt_ids(prompts, tok, *, template="none", max_length=1024, max_prompt_length=512) -> list[list[int]]:

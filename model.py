@@ -7,6 +7,7 @@ Parameter names are Meta's, so they ARE the state-dict keys of the original chec
 (`layers.0.attention.wq.weight`); the Hugging Face names are mapped in `_hf_name`.
 """
 import copy
+import functools
 import json
 import math
 import mmap
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -133,6 +135,34 @@ def attention_mask(q_slot, k_slot, window=None, keep=None):
     return m
 
 
+def packed_mask(prompt, response, pos, window=None, flex=None):
+    """Attention of packed rows (data.packed_batch): query q sees key k of its row iff k <= q, both belong
+    to the same prompt, and k is a prompt token or a token of q's own response. So a prompt token sees
+    its prompt causally, a token of response j its prompt and the earlier tokens of response j, exactly
+    as in its own padded row; padding (prompt -1) sees only padding. With a sliding window, also
+    pos[q] - pos[k] < window: the distance the two tokens have in the padded row.
+    prompt, response, pos [R, L] -> a bool mask [R, 1, L, L] for SDPA on CPU (FlexAttention has no CPU
+    backward in torch 2.13), a FlexAttention BlockMask on CUDA (its kernel skips the masked-out blocks);
+    flex=True/False picks one on any device."""
+    def rule(b, h, q, k):  # index tensors (broadcast, or scalars under FlexAttention's vmap) -> bool
+        m = (k <= q) & (prompt[b, k] == prompt[b, q]) & ((response[b, k] < 0) | (response[b, k] == response[b, q]))
+        return m if window is None else m & (pos[b, q] - pos[b, k] < window)
+    R, L = prompt.shape
+    if prompt.device.type == "cuda" if flex is None else flex:
+        return create_block_mask(rule, R, None, L, L, device=prompt.device)
+    b, i = torch.arange(R, device=prompt.device), torch.arange(L, device=prompt.device)
+    return rule(b[:, None, None, None], None, i[:, None], i[None, :])  # [R, 1, L, L]
+
+
+@functools.cache
+def _flex_attention():
+    """FlexAttention compiled (on first use: torch.compile costs seconds even to set up). Compiled it is one
+    fused kernel; eager it would materialise the [T, T] scores (torch warns). A second row length
+    recompiles it for dynamic shapes, once; on CPU torch 2.13's inductor then writes C++ that does not
+    compile (seen here), one more reason CPU takes SDPA. On CUDA (Triton) not yet run."""
+    return torch.compile(flex_attention)
+
+
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -153,7 +183,10 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # [B, KV, S, hd]: every slot filled so far
         # mask None = plain causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each
         # K/V head among n_heads // n_kv_heads query heads without materialising the repeats.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if isinstance(mask, BlockMask):  # packed rows on CUDA (packed_mask)
+            y = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -210,7 +243,8 @@ class Transformer(nn.Module):
     def hidden(self, tokens, pos=None, mask=None, cache=None):
         """tokens [B, T] -> final-normed hidden states [B, T, d]. Training needs only tokens: attention is
         causal, so right padding cannot reach real positions. generate() also passes RoPE positions
-        pos [B, T], a mask from attention_mask() and one KVCache per layer."""
+        pos [B, T], a mask from attention_mask() and one KVCache per layer; packed rows (nca.packed_logps)
+        pass pos and a mask from packed_mask(), which already holds the sliding window."""
         T = tokens.shape[1]
         slots = torch.arange(T, device=tokens.device)
         if cache is not None and mask is None:  # SDPA's is_causal aligns queries to the first keys, not the last

@@ -36,6 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model import packed_mask
+
 
 def check_alpha_beta(alpha, beta):
     """Raise ValueError unless alpha (reward temperature) is finite and >= 0 and beta is finite and > 0."""
@@ -329,19 +331,23 @@ def sequence_logps(h, W, targets, mask, impl="auto", tile=None):
         raise ValueError(f"unknown sequence_logps impl {impl!r}; expected 'reference', 'fused' or 'auto'")
     if seq is None:
         seq, pos = mask.nonzero(as_tuple=True)  # [M]: the sequence and position of each scored token
-    t = targets[seq, pos]  # [M]
+    return _summed_logps(h[seq, pos], W, targets[seq, pos], seq, h.shape[0], tile)
+
+
+def _summed_logps(h_m, W, t, seq, n, tile=None):
+    """The fused log-probs of scored tokens h_m [M, d] with targets t [M], summed per sequence seq [M] -> [n]."""
     require(((t >= 0) & (t < W.shape[0])).all(), f"targets at masked positions must be token ids in [0, {W.shape[0]})")
-    h_m = h[seq, pos]  # [M, d]
-    if torch.is_autocast_enabled(h.device.type):
+    device = h_m.device.type
+    if torch.is_autocast_enabled(device):
         # the kernel's matmuls write into its buffer (out=) or run in backward, where autocast does not
         # reach: cast here, as autocast casts the reference's h @ W.T (W.grad returns in W's dtype)
-        amp = torch.get_autocast_dtype(h.device.type)
+        amp = torch.get_autocast_dtype(device)
         h_m, W = h_m.to(amp), W.to(amp)
     if h_m.dtype != W.dtype:
         raise ValueError(f"sequence_logps: h and W must have one dtype, or run under torch.autocast; got "
-                         f"{h.dtype} and {W.dtype}")
-    logp = FusedLogp.apply(h_m, W, t, tile or TILE.get(h.device.type, TILE["cpu"]))  # [M]
-    return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device).index_add(0, seq, logp.float())
+                         f"{h_m.dtype} and {W.dtype}")
+    logp = FusedLogp.apply(h_m, W, t, tile or TILE.get(device, TILE["cpu"]))  # [M]
+    return torch.zeros(n, dtype=torch.float32, device=h_m.device).index_add(0, seq, logp.float())
 
 
 def batch_logps(model, tokens, loss_mask):
@@ -351,3 +357,16 @@ def batch_logps(model, tokens, loss_mask):
     h = model.hidden(tokens[:, :-1])  # [B*K, T-1, d]
     mask = loss_mask[:, 1:] if isinstance(loss_mask, torch.Tensor) else (loss_mask[0], loss_mask[1] - 1)
     return sequence_logps(h, model.output.weight, tokens[:, 1:], mask)  # [B*K]
+
+
+def packed_logps(model, batch):
+    """log pi(y|x) [B, K] of a packed batch (data.pack): each prompt computed once for its K responses, the
+    same values as batch_logps on collate's batch. A packed row holds several responses, so each scored
+    token's log-prob is summed into its own slot b * K + k, read off the row's prompt and response ids."""
+    tokens, prompt, response, pos = batch["tokens"], batch["prompt"], batch["response"], batch["pos"]
+    B, K = batch["rewards"].shape
+    h = model.hidden(tokens, pos=pos, mask=packed_mask(prompt, response, pos, model.args.sliding_window))  # [R, L, d]
+    row, col = batch["loss_mask"].nonzero(as_tuple=True)  # [M]: the scored tokens
+    h_m = h[row, batch["source"][row, col]]  # [M, d]: the hidden state that predicts each
+    slot = prompt[row, col] * K + response[row, col]  # [M]
+    return _summed_logps(h_m, model.output.weight, tokens[row, col], slot, B * K).view(B, K)
