@@ -889,16 +889,22 @@ def encode(examples, tok, *, template="none", max_length=1024, max_prompt_length
 def collate(examples, tok, *, template="none", max_length=1024, max_prompt_length=512) -> dict:
     """B examples of K responses -> tokens [B*K, T] (row b*K + k = prompt b + response k, right padded
     to the longest row), loss_mask [B*K, T] (True on the scored tokens: the response and its end of
-    turn), scored (loss_mask's True positions, rows and columns [M]), rewards [B, K], and how many prompts
-    / responses were truncated (see encode)."""
+    turn), scored (loss_mask's True positions, rows and columns [M]), and what pack returns too (see
+    _sizes): rewards [B, K], response lengths, the tokens counted, how many prompts / responses were
+    truncated (see encode)."""
     groups, n_prompt, n_response = encode(examples, tok, template=template, max_length=max_length,
                                           max_prompt_length=max_prompt_length)
-    return {**padded_batch(groups, tok.pad_id), "rewards": _rewards(examples),
+    return {**padded_batch(groups, tok.pad_id), **_sizes(examples, groups, n_prompt, n_response)}
+
+
+def _sizes(examples, groups, n_prompt, n_response):
+    """What a batch holds whatever its layout: rewards [B, K] (float32), response_lengths [B, K] (the scored
+    tokens of each response), n_tokens (each prompt token once plus each response token: a throughput
+    that does not count padding or repeated prompts) and the truncation counts (see encode)."""
+    return {"rewards": torch.tensor([ex.rewards for ex in examples], dtype=torch.float32),
+            "response_lengths": torch.tensor([[len(r) for r in responses] for _, responses in groups]),
+            "n_tokens": sum(len(p) + sum(map(len, responses)) for p, responses in groups),
             "prompts_truncated": n_prompt, "responses_truncated": n_response}
-
-
-def _rewards(examples):
-    return torch.tensor([ex.rewards for ex in examples], dtype=torch.float32)  # [B, K]
 
 
 def padded_batch(groups, pad_id) -> dict:
@@ -919,11 +925,10 @@ def padded_batch(groups, pad_id) -> dict:
 
 def pack(examples, tok, *, pack_tokens, template="none", max_length=1024, max_prompt_length=512) -> dict:
     """The batch collate makes, packed: each prompt once, followed by its K responses (see packed_batch);
-    same ids, truncation and rewards [B, K]."""
+    same ids, truncation, rewards [B, K] and counts (_sizes)."""
     groups, n_prompt, n_response = encode(examples, tok, template=template, max_length=max_length,
                                           max_prompt_length=max_prompt_length)
-    return {**packed_batch(groups, tok.pad_id, pack_tokens), "rewards": _rewards(examples),
-            "prompts_truncated": n_prompt, "responses_truncated": n_response}
+    return {**packed_batch(groups, tok.pad_id, pack_tokens), **_sizes(examples, groups, n_prompt, n_response)}
 
 
 def packed_batch(groups, pad_id, pack_tokens) -> dict:
@@ -940,7 +945,8 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
     pos restarts after the prompt for every response, so with model.packed_mask (a response sees its
     prompt and its own earlier tokens) response k of prompt b gets exactly the logits it gets alone in
     collate's row. Returns tokens, pos, prompt, response [R, L] (prompt: b, -1 on padding; response: k,
-    -1 on prompt tokens and padding), loss_mask [R, L] (the responses' tokens, as collate's) and source
+    -1 on prompt tokens and padding), loss_mask [R, L] (the responses' tokens, as collate's), scored
+    (loss_mask's True positions, rows and columns [M], row by row as nonzero gives them) and source
     [R, L]: for a scored token, the column whose hidden state predicts it: the one before it, or the
     prompt's last token for a response's first token (the same prediction collate's row makes).
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
@@ -956,6 +962,7 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
     tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [R, L]
     pos, source = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
     prompt, response = torch.full((len(rows), L), -1), torch.full((len(rows), L), -1)
+    scored = ([], [])  # from the lengths, as padded_batch's: nonzero on a GPU would make the host wait
     for i, row in enumerate(rows):
         t = 0
         for (b, p, responses), _ in row:
@@ -969,9 +976,11 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
                 prompt[i, t:t + len(r)], response[i, t:t + len(r)] = b, k
                 source[i, t:t + len(r)] = torch.arange(t - 1, t + len(r) - 1)
                 source[i, t] = last
+                scored[0].extend([i] * len(r))
+                scored[1].extend(range(t, t + len(r)))
                 t += len(r)
     return {"tokens": tokens, "pos": pos, "prompt": prompt, "response": response, "loss_mask": response >= 0,
-            "source": source}
+            "scored": tuple(torch.tensor(x, dtype=torch.long) for x in scored), "source": source}
 
 
 def prompt_ids(prompts, tok, *, template="none", max_length=1024, max_prompt_length=512) -> list[list[int]]:

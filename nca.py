@@ -366,7 +366,7 @@ def packed_logps(model, batch):
     tokens, prompt, response, pos = batch["tokens"], batch["prompt"], batch["response"], batch["pos"]
     B, K = batch["rewards"].shape
     h = model.hidden(tokens, pos=pos, mask=packed_mask(prompt, response, pos, model.args.sliding_window))  # [R, L, d]
-    row, col = batch["loss_mask"].nonzero(as_tuple=True)  # [M]: the scored tokens
+    row, col = batch["scored"]  # [M]: the scored tokens (from the lengths: loss_mask.nonzero() would sync)
     h_m = h[row, batch["source"][row, col]]  # [M, d]: the hidden state that predicts each
     slot = prompt[row, col] * K + response[row, col]  # [M]
     return _summed_logps(h_m, model.output.weight, tokens[row, col], slot, B * K).view(B, K)

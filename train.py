@@ -8,8 +8,10 @@
 
 Reading order: the flags resolve once into a frozen `Run`; `train` builds data, model and reference,
 then runs the step loop. Per step, B x K sequences (B prompts, K responses each) go through the policy
-in ONE forward pass; nca.batch_logps turns the final hidden states into log pi_theta(y|x) without
-building the [B*K, T, V] logits; the reference log mu(y|x) comes from `reference_logps`: a cache
+in ONE forward pass, packed by default: each prompt once, followed by its K responses, which attend to it
+and to themselves only (`collate`, data.pack; --no-pack: one padded row per response). `log_probs` turns
+the final hidden states into log pi_theta(y|x) [B, K] without building the logits over the vocabulary
+(nca.packed_logps / nca.batch_logps); the reference log mu(y|x) comes from `reference_logps`: a cache
 computed once before training (full fine-tuning), the same weights with the LoRA adapters switched off,
 or a frozen copy (--ref copy). The losses are nca.py's. Writes OUT/metrics.jsonl, OUT/curves.png,
 OUT/ckpt/state.pt (atomic, resumable; under torchrun it names OUT/ckpt/step-N/, each rank's shards) and
@@ -83,6 +85,10 @@ def parse_args(argv):
     a("--weight-decay", type=float, default=0.0)
     a("--max-length", type=int, default=1024, help="prompt + response tokens (longer responses are cut)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept (the end of the prompt)")
+    a("--pack-tokens", type=int, help="packed rows of at most this many tokens, each prompt once followed by its "
+                                      "K responses (data.pack); default --batch-size x --max-length")
+    a("--no-pack", action="store_true", help="one row per response, its prompt repeated, right padded "
+                                             "(data.collate): the readable reference the packed path equals")
     a("--out", default="out", help="output directory")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (and always at the end)")
     a("--eval-every", type=int, default=100, help="evaluate every N steps (and always at the end)")
@@ -114,12 +120,14 @@ def check_flags(args):
         raise ValueError("--quantize 4bit quantizes the frozen base under LoRA adapters: add --lora-rank")
     if args.lora_dropout and not args.lora_rank:
         raise ValueError("--lora-dropout is dropout on the LoRA adapters' path: add --lora-rank")
+    if args.no_pack and args.pack_tokens is not None:
+        raise ValueError("--pack-tokens sizes packed rows; --no-pack turns packing off: pass one of them")
     if args.loss == "sft" and args.pairs != "none":
         raise ValueError("--pairs builds preference pairs; --loss sft trains on the best response only")
     # here, not where first used: a bad --beta would otherwise stop the run only after the reference
     # log-probs of the whole data set are computed. alpha / beta and the LoRA numbers have their owners.
     for names, low, ok in ((("batch_size", "grad_accum", "max_length", "max_prompt_length", "save_every", "eval_every",
-                             "steps", "k", "nproc"), ">= 1", lambda v: v >= 1),
+                             "steps", "k", "nproc", "pack_tokens"), ">= 1", lambda v: v >= 1),
                            (("lr", "warmup", "grad_clip", "weight_decay", "lora_rank", "sample", "gpu_memory"), ">= 0",
                             lambda v: v >= 0)):
         for name in names:
@@ -158,6 +166,7 @@ class Run:
     template: str
     max_length: int
     max_prompt_length: int
+    pack_tokens: int | None     # tokens per packed row (data.pack); None: --no-pack, one padded row per response
     lora_rank: int              # 0 = full fine-tuning
     lora_alpha: float
     lora_dropout: float
@@ -208,7 +217,9 @@ def configure(args, examples, rank, world, device):
         loss=args.loss, alpha=args.alpha, beta=args.beta, seed=args.seed,
         init=str(init_dir.resolve()) if init_dir else args.init, init_dir=init_dir,
         tokenizer=tokenizer, template=template, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, lora_rank=args.lora_rank, lora_alpha=lora_alpha(args),
+        max_prompt_length=args.max_prompt_length,
+        pack_tokens=None if args.no_pack else args.pack_tokens or args.batch_size * args.max_length,
+        lora_rank=args.lora_rank, lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, quantize=args.quantize,
         ref="none" if args.loss == "sft" else args.ref if args.ref != "auto" else
         "adapters" if args.lora_rank else "precompute",
@@ -232,6 +243,10 @@ def resume_key(run):
         key["--alpha"] = run.alpha
     if run.lora_rank:
         key["--lora-alpha"] = run.lora_alpha
+    # packed and padded rows give the same log-probs only to float32 rounding (~1e-6): a resumed run that
+    # switched would not repeat the uninterrupted one step for step. (The row budget, like --batch-size per
+    # process or --compile, changes only how it computes.)
+    key["layout (packed, or padded: --no-pack)"] = "padded" if run.pack_tokens is None else "packed"
     return {**key, "--data examples sha256": run.data_sha256, "--dtype": str(run.dtype),
             "global batch (--batch-size x --grad-accum x processes)": run.global_batch}
 
@@ -288,8 +303,23 @@ def batch_indices(step, n, size, seed):
 
 
 def collate(run, tok, examples):
-    return data.collate(examples, tok, template=run.template, max_length=run.max_length,
-                        max_prompt_length=run.max_prompt_length)
+    """The micro-batch of `examples` on the run's device, in the run's layout (the one place that picks it):
+    packed rows, each prompt once followed by its K responses (data.pack, the default), or under --no-pack one
+    right-padded row per response (data.collate). Both give the same log-probs (log_probs) and carry rewards
+    [B, K], response_lengths [B, K] and n_tokens."""
+    kw = dict(template=run.template, max_length=run.max_length, max_prompt_length=run.max_prompt_length)
+    batch = data.pack(examples, tok, pack_tokens=run.pack_tokens, **kw) if run.pack_tokens else \
+        data.collate(examples, tok, **kw)
+    return {k: to_device(v, run.device) if isinstance(v, torch.Tensor) else
+            tuple(to_device(x, run.device) for x in v) if k == "scored" else v for k, v in batch.items()}
+
+
+def log_probs(model, batch):
+    """log pi(y|x) [B, K] of a batch from collate, whichever its layout: the prompt computed once for its K
+    responses (nca.packed_logps), or once per response (nca.batch_logps)."""
+    if "pos" in batch:
+        return nca.packed_logps(model, batch)
+    return nca.batch_logps(model, batch["tokens"], batch["scored"]).view(batch["rewards"].shape)
 
 
 # ----------------------------------------------------------------------------- model
@@ -557,11 +587,9 @@ def reference_cache(run, model, tok, examples, data_path, key):
     n_batches = math.ceil(math.ceil(len(examples) / run.world) / run.batch_size)  # the same on every rank: FSDP
     for b in range(n_batches):                                                    # gathers weights collectively
         ids = mine[b * run.batch_size:(b + 1) * run.batch_size]
-        batch = collate(run, tok, [examples[j] for j in ids or [0]])
         with autocast(run):
-            logps = nca.batch_logps(model, to_device(batch["tokens"], run.device),
-                                    tuple(to_device(x, run.device) for x in batch["scored"]))
-        out.append(logps.float().cpu()[:len(ids) * run.K])  # a filler batch (no ids) keeps nothing
+            logps = log_probs(model, collate(run, tok, [examples[j] for j in ids or [0]]))  # [B, K]
+        out.append(logps.float().cpu()[:len(ids)])  # a filler batch (no ids) keeps nothing
     parts = [(mine, torch.cat(out))]
     if run.world > 1:  # every rank's share, to every rank
         parts, share = [None] * run.world, parts[0]
@@ -575,8 +603,8 @@ def reference_cache(run, model, tok, examples, data_path, key):
     return ref
 
 
-def reference_logps(run, model, ref, ids, tokens, scored):
-    """log mu(y|x) [B*K] of a micro-batch, whichever way this run gets the reference policy mu:
+def reference_logps(run, model, ref, ids, batch):
+    """log mu(y|x) [B, K] of a micro-batch, whichever way this run gets the reference policy mu:
         precompute  ref is the [N, K] cache of the initial weights (reference_cache), ids index it
         adapters    the policy itself with its LoRA adapters switched off: at B = 0 the model IS mu
         copy        ref is a frozen copy of the initial model
@@ -584,9 +612,9 @@ def reference_logps(run, model, ref, ids, tokens, scored):
     if run.ref == "none":
         return None
     if run.ref == "precompute":
-        return to_device(ref[ids], run.device).flatten()
+        return to_device(ref[ids], run.device)
     with torch.no_grad(), autocast(run), lora.disabled(model) if run.ref == "adapters" else nullcontext():
-        return nca.batch_logps(ref if run.ref == "copy" else model, tokens, scored)
+        return log_probs(ref if run.ref == "copy" else model, batch)
 
 
 # ----------------------------------------------------------------------------- one micro-batch
@@ -598,22 +626,22 @@ def to_device(t, device):
 
 
 def forward(run, model, tok, ref, examples, ids):
-    """(loss, metrics, tokens) of one micro-batch of prompts examples[ids]. Nothing here waits for the device
-    (tests/test_train.py counts): the batch is made on the host and copied asynchronously, the scored
-    positions come from collate, value checks run on the device (nca.require), and the metrics stay
-    0-dim tensors or numbers until the step's one all_mean."""
+    """(loss, metrics, tokens) of one micro-batch of prompts examples[ids]; tokens counts each prompt token once
+    plus each response token, whatever the layout. Nothing here waits for the device (tests/test_train.py
+    counts): the batch is made on the host and copied asynchronously, the scored positions come from
+    collate, value checks run on the device (nca.require), and the metrics stay 0-dim tensors or numbers
+    until the step's one all_mean."""
     batch = collate(run, tok, [examples[i] for i in ids])
-    tokens, mask, rewards = (to_device(batch[k], run.device) for k in ("tokens", "loss_mask", "rewards"))
-    scored = tuple(to_device(x, run.device) for x in batch["scored"])
+    rewards = batch["rewards"]
     with autocast(run):
-        logps = nca.batch_logps(model, tokens, scored).view(rewards.shape)  # [B, K] float32
-    stats = {"truncated": batch["responses_truncated"] / mask.shape[0]}  # share of responses cut at --max-length
+        logps = log_probs(model, batch)  # [B, K] float32
+    stats = {"truncated": batch["responses_truncated"] / rewards.numel()}  # share of responses cut at --max-length
     if run.loss == "sft":  # mean NLL per response token, averaged over sequences
-        return -(logps / mask[:, 1:].sum(-1).view(rewards.shape).clamp(min=1)).mean(), stats, tokens.numel()
-    ref_logps = reference_logps(run, model, ref, ids, tokens, scored).view(rewards.shape)  # [B, K]
+        return -(logps / batch["response_lengths"].clamp(min=1)).mean(), stats, batch["n_tokens"]
+    ref_logps = reference_logps(run, model, ref, ids, batch)  # [B, K]
     temperature = {} if run.loss in nca.PAIR_LOSSES else {"alpha": run.alpha}  # pairs have no reward temperature
     loss = nca.LOSSES[run.loss](logps, ref_logps, rewards, beta=run.beta, **temperature).mean()
-    return loss, {**nca.metrics(logps.detach(), ref_logps, rewards, beta=run.beta), **stats}, tokens.numel()
+    return loss, {**nca.metrics(logps.detach(), ref_logps, rewards, beta=run.beta), **stats}, batch["n_tokens"]
 
 
 @torch.no_grad()

@@ -232,8 +232,8 @@ def test_precomputed_reference_equals_on_the_fly_and_is_recomputed_only_when_its
     tok = data.load_tokenizer("byte")
     model = tiny()
     calls = []
-    batch_logps = nca.batch_logps
-    monkeypatch.setattr(nca, "batch_logps", lambda *a: calls.append(1) or batch_logps(*a))
+    log_probs = train.log_probs
+    monkeypatch.setattr(train, "log_probs", lambda *a: calls.append(1) or log_probs(*a))
 
     def cache(examples, key="key"):
         calls.clear()
@@ -241,10 +241,10 @@ def test_precomputed_reference_equals_on_the_fly_and_is_recomputed_only_when_its
 
     ref, computed = cache(examples)
     assert computed == 3  # 5 examples in batches of 2
-    with torch.no_grad():  # on the fly: one prompt at a time, so other padding than the cached batches of 2
+    with torch.no_grad():  # on the fly, padded: one prompt at a time, not the cached packed batches of 2
         for i, e in enumerate(examples):
-            b = train.collate(run, tok, [e])
-            torch.testing.assert_close(ref[i], batch_logps(model, b["tokens"], b["loss_mask"]), rtol=0, atol=1e-5)
+            b = data.collate([e], tok, max_length=24, max_prompt_length=8)
+            torch.testing.assert_close(ref[i], nca.batch_logps(model, b["tokens"], b["loss_mask"]), rtol=0, atol=1e-5)
     again, computed = cache(examples)
     assert computed == 0 and torch.equal(again, ref)  # read from the file
     (file,) = tmp_path.glob("data.jsonl.ref-*.pt")
@@ -264,7 +264,10 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     _, accum = run(tmp_path, "--batch-size", "2", "--grad-accum", "2", "--steps", "3", "--no-export", out="accum")
     _, whole = run(tmp_path, "--batch-size", "4", "--steps", "3", "--no-export", out="whole")
     for k in ("loss", "grad_norm", "logratio/chosen", "rewards/accuracies"):
-        assert [r[k] for r in accum] == pytest.approx([r[k] for r in whole], rel=1e-5, abs=1e-7), k
+        # at step 1 the policy is the reference: every margin is a tie, 0 up to the float32 rounding of rows
+        # packed two prompts vs four at a time, and the accuracy of a tie is the sign of that rounding
+        first = 1 if k == "rewards/accuracies" else 0
+        assert [r[k] for r in accum][first:] == pytest.approx([r[k] for r in whole][first:], rel=1e-5, abs=1e-7), k
 
 
 # train.py under torchrun, with spies: what each rank built and loaded, the parameter bytes it held when shard()
