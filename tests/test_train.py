@@ -119,7 +119,7 @@ def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_ini
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0.5", "--lr", "1e-2"]])
 def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_path, monkeypatch, extra):
-    # with LoRA dropout the masks come from the RNG: resuming must restore it, not only the weights
+    # packed rows (the default); with LoRA dropout the masks come from the RNG: resuming must restore it, not only the weights
     args = ["--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", *extra]
     _, whole = run(tmp_path, *args, out="whole")
     append = data.append_jsonl
@@ -270,6 +270,21 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
         assert [r[k] for r in accum][first:] == pytest.approx([r[k] for r in whole][first:], rel=1e-5, abs=1e-7), k
 
 
+@pytest.mark.parametrize("extra, pack", [(["--loss", "nca"], []), (["--loss", "dpo", "--pairs", "dpo"], []),
+                                         (["--loss", "sft"], []), (["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2"], []),
+                                         (["--loss", "nca", "--ref", "copy"], ["--pack-tokens", "40"])])
+def test_packed_and_padded_runs_give_the_same_losses(tmp_path, extra, pack):
+    # K = 4, prompts of 5 tokens, responses of 2 to 8 (a group ~16 tokens): the padded run computes each prompt 4
+    # times and pads to the longest row; the default --pack-tokens (4 x 24) puts a step's 4 prompts in one row,
+    # 40 two per row. Golden: --no-pack, the readable path: each response its own row, plain causal attention
+    _, packed = run(tmp_path, "--steps", "3", "--no-export", *extra, *pack, out="packed")
+    _, padded = run(tmp_path, "--steps", "3", "--no-export", *extra, "--no-pack", out="padded")
+    assert len(packed) == len(padded) == 3
+    for k in ("loss", "grad_norm") + (() if "sft" in extra else ("logratio/chosen",)):
+        assert [r[k] for r in packed] == pytest.approx([r[k] for r in padded], rel=1e-5, abs=1e-6), k
+    assert packed[-1]["loss"] < packed[0]["loss"] - 1e-3  # the steps did train: the losses compared moved
+
+
 # train.py under torchrun, with spies: what each rank built and loaded, the parameter bytes it held when shard()
 # began and after it, and (CRASH_AT=N) a kill right after the shards of step N are written
 SPY = """
@@ -399,7 +414,9 @@ def test_a_preset_is_built_in_its_dtype_with_the_same_numbers_as_the_float32_ini
     ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it"),
     ("dropout_no_lora", "--lora-dropout is dropout on the LoRA"), ("out_is_file", "exists and is not a directory"),
     ("all_tied", "every response has the same reward"), ("resume_metrics", "metrics.jsonl:2: malformed JSON"),
-    ("dpo_alpha_unused", None), ("init_tokenizer_path", "config.json: field 'nca_tokenizer': '../x' is not a file name")])
+    ("dpo_alpha_unused", None), ("resume_no_pack", "layout (packed, or padded: --no-pack) 'packed' (this run: 'padded')"),
+    ("pack_and_no_pack", "--no-pack turns packing off"), ("pack_tokens", "--pack-tokens must be"),
+    ("init_tokenizer_path", "config.json: field 'nca_tokenizer': '../x' is not a file name")])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
     path = write_reward_data(tmp_path / "data.jsonl")
     args = {"missing": ["--data", str(tmp_path / "nope.jsonl")], "loss": ["--loss", "ppo"],
@@ -407,6 +424,8 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
             "beta": ["--beta", "0"], "steps": ["--steps", "0"], "grad_clip": ["--grad-clip", "-1"],
             "sample": ["--sample", "-1"], "device": ["--device", "foo"], "resume_loss": ["--loss", "infonca"],
             "resume_lora": ["--lora-rank", "8"], "dropout_no_lora": ["--lora-dropout", "0.1"],
+            "resume_no_pack": ["--no-pack"], "pack_and_no_pack": ["--no-pack", "--pack-tokens", "64"],
+            "pack_tokens": ["--pack-tokens", "0"],
             "out_is_file": ["--out", path], "all_tied": ["--loss", "dpo", "--pairs", "dpo"],
             "init_tokenizer_path": ["--init", str(tmp_path / "init")]}.get(case, [])
     if case == "init_tokenizer_path":  # a downloaded checkpoint's config.json must not make us read other files
@@ -664,11 +683,14 @@ def test_an_out_that_cannot_be_created_is_one_line_and_a_failed_export_keeps_the
 @pytest.mark.parametrize("loss, extra", [("sft", []), ("dpo", ["--pairs", "dpo"]), ("infonca", []), ("nca", []),
                                          ("nca_pair", ["--pairs", "dpo"]), ("nca", ["--ref", "copy"]),
                                          ("nca", ["--lora-rank", "4", "--lora-dropout", "0.1"]),
-                                         ("nca", ["--checkpointing", "--dtype", "bfloat16"])])
+                                         ("nca", ["--checkpointing", "--dtype", "bfloat16"]),
+                                         ("sft", ["--no-pack"]), ("nca", ["--no-pack", "--ref", "copy"]),
+                                         ("nca", ["--no-pack", "--lora-rank", "4"])])
 def test_a_micro_batch_forward_and_backward_never_wait_for_the_device(tmp_path, host_syncs, loss, extra):
     # A CPU run shows what a CUDA run would wait for (conftest.HostSyncs). Before: the scored positions were
     # found with nonzero, the target range read with min / max (policy and reference alike) and the rewards'
-    # isfinite read in the loss and in the metrics: 8 waits per NCA micro-batch.
+    # isfinite read in the loss and in the metrics: 8 waits per NCA micro-batch. Packed (the default) and padded
+    # (--no-pack) batches alike: both hand over their scored positions.
     path = write_reward_data(tmp_path / "data.jsonl", n=4, K=4)
     args = train.parse_args(["--data", path, "--max-length", "24", "--max-prompt-length", "8", "--loss", loss, *extra])
     examples = train.prepare_examples(path, args, "--data")
@@ -680,12 +702,19 @@ def test_a_micro_batch_forward_and_backward_never_wait_for_the_device(tmp_path, 
     model.checkpoint_activations = run.checkpointing
     tok = data.load_tokenizer("byte")
     with host_syncs:
-        loss_value, stats, _ = train.forward(run, model, tok, ref, examples, [0, 1])
+        loss_value, stats, n_tokens = train.forward(run, model, tok, ref, examples, [0, 1])
         loss_value.backward()
     assert host_syncs.ops == []
+    # the tokens tokens/s counts, either layout: each prompt once (read off the padded rows: the columns before
+    # the first scored one of the prompt's first row) plus each response token
+    padded = data.collate(examples[:2], tok, max_length=24, max_prompt_length=8)
+    starts = [int(m.nonzero()[0]) for m in padded["loss_mask"][::run.K]]
+    assert n_tokens == sum(starts) + int(padded["loss_mask"].sum())
+    assert run.K == 1 or n_tokens < padded["tokens"].numel()  # K > 1: the padded rows repeat each prompt
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert train.collate(run, tok, examples[:1]).keys() >= ({"scored", "pos"} if run.pack_tokens else {"scored"})
     with host_syncs:  # the counter does see a sync: a direct caller handing over the mask pays one nonzero
-        batch = train.collate(run, tok, examples[:1])
+        batch = data.collate(examples[:1], tok, max_length=24, max_prompt_length=8)
         nca.batch_logps(model, batch["tokens"], batch["loss_mask"])
     assert host_syncs.ops == ["aten.nonzero.default"]
 
