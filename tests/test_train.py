@@ -119,7 +119,8 @@ def test_full_finetuning_changes_every_weight_and_the_final_model_reloads_as_ini
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0.5", "--lr", "1e-2"]])
 def test_resume_after_a_crash_matches_the_uninterrupted_run_step_for_step(tmp_path, monkeypatch, extra):
-    # packed rows (the default); with LoRA dropout the masks come from the RNG: resuming must restore it, not only the weights
+    # packed rows (the default); with LoRA dropout the masks come from the RNG: resuming must restore it, not only
+    # the weights
     args = ["--save-every", "2", "--batch-size", "2", "--steps", "5", "--no-export", *extra]
     _, whole = run(tmp_path, *args, out="whole")
     append = data.append_jsonl
@@ -271,7 +272,8 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
 
 
 @pytest.mark.parametrize("extra, pack", [(["--loss", "nca"], []), (["--loss", "dpo", "--pairs", "dpo"], []),
-                                         (["--loss", "sft"], []), (["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2"], []),
+                                         (["--loss", "sft"], []),
+                                         (["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2"], []),
                                          (["--loss", "nca", "--ref", "copy"], ["--pack-tokens", "40"])])
 def test_packed_and_padded_runs_give_the_same_losses(tmp_path, extra, pack):
     # K = 4, prompts of 5 tokens, responses of 2 to 8 (a group ~16 tokens): the padded run computes each prompt 4
@@ -414,7 +416,8 @@ def test_a_preset_is_built_in_its_dtype_with_the_same_numbers_as_the_float32_ini
     ("resume_corrupt", "not a readable checkpoint"), ("no_resume", "pass --resume to continue it"),
     ("dropout_no_lora", "--lora-dropout is dropout on the LoRA"), ("out_is_file", "exists and is not a directory"),
     ("all_tied", "every response has the same reward"), ("resume_metrics", "metrics.jsonl:2: malformed JSON"),
-    ("dpo_alpha_unused", None), ("resume_no_pack", "layout (packed, or padded: --no-pack) 'packed' (this run: 'padded')"),
+    ("dpo_alpha_unused", None),
+    ("resume_no_pack", "layout (packed, or padded: --no-pack) 'packed' (this run: 'padded')"),
     ("pack_and_no_pack", "--no-pack turns packing off"), ("pack_tokens", "--pack-tokens must be"),
     ("init_tokenizer_path", "config.json: field 'nca_tokenizer': '../x' is not a file name")])
 def test_bad_input_exits_with_one_clear_line(tmp_path, capsys, case, expected):
