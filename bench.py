@@ -560,7 +560,8 @@ def gpu_lora_step(args, s, out, quantize):
                                 "rewards": [4.0, 3.0, 2.0, 1.0][:s["K"]]}) + "\n")
         flags = ["--data", path, "--init", s["preset"], "--lora-rank", "16", "--loss", "nca", "--checkpointing",
                  "--dtype", "bfloat16", "--max-length", str(s["T"]), "--max-prompt-length", str(s["prompt"]),
-                 "--batch-size", "1", "--device", args.device, "--out", f"{tmp}/out", "--quantize", quantize]
+                 "--batch-size", "1", "--device", args.device, "--out", f"{tmp}/out", "--quantize", quantize,
+                 "--no-pack"]  # the padded rows step_flops counts
         targs = train.parse_args(flags)
         examples = train.prepare_examples(path, targs, "--data")
         run = train.configure(targs, examples, 0, 1, device)
@@ -589,8 +590,8 @@ def gpu_lora_step(args, s, out, quantize):
             sync(device)
             times.append(_time.perf_counter() - t0)
         step = statistics.median(times[1:])
-        flops = step_flops(model_lib.PRESETS[s["preset"]], tokens=n_tok - s["K"], length=s["T"],
-                           scored=n_tok - s["K"] * s["prompt"], r=16, targets=run.lora_targets.split(","))
+        flops = step_flops(model_lib.PRESETS[s["preset"]], tokens=s["K"] * (s["T"] - 1), length=s["T"],
+                           scored=s["K"] * (s["T"] - s["prompt"]), r=16, targets=run.lora_targets.split(","))
         out("step seconds (median)", step, steps=s["steps"], tokens=n_tok, **setup)
         out("tokens/s", n_tok / step, **setup)
         out("peak GiB in training" + (" (CUDA allocator)" if device.type == "cuda" else " (process RSS)"),

@@ -24,7 +24,7 @@ def test_step_flops_are_the_matmul_flops_torch_counts_in_a_lora_nca_step(tmp_pat
     path = tmp_path / "data.jsonl"  # byte tokens: BOS + 7 prompt bytes, responses cut at T
     path.write_text(json.dumps({"prompt": "q" * (P - 1), "responses": [c * T for c in "abcd"], "rewards": [4, 3, 2, 1]}))
     args = train.parse_args(["--data", str(path), "--lora-rank", str(r), "--max-length", str(T),
-                             "--max-prompt-length", str(P), "--batch-size", "1"])
+                             "--max-prompt-length", str(P), "--batch-size", "1", "--no-pack"])  # the formula's rows
     examples = train.prepare_examples(path, args, "--data")
     run = train.configure(args, examples, 0, 1, torch.device("cpu"))
     tok = data.load_tokenizer("byte")
@@ -32,7 +32,7 @@ def test_step_flops_are_the_matmul_flops_torch_counts_in_a_lora_nca_step(tmp_pat
     with FlopCounterMode(display=False) as counter:
         loss, _, n = train.forward(run, model, tok, None, examples, [0])
         loss.backward()
-    assert n == K * T and set(map(str, counter.get_flop_counts()["Global"])) == {"aten.mm"}
+    assert n == P + K * (T - P) and set(map(str, counter.get_flop_counts()["Global"])) == {"aten.mm"}
     expected = bench.step_flops(model_lib.PRESETS["tiny"], tokens=K * (T - 1), length=0, scored=K * (T - P), r=r,
                                 targets=run.lora_targets.split(","))
     assert counter.get_total_flops() == expected
