@@ -86,7 +86,7 @@ def parse_args(argv):
     a("--max-length", type=int, default=1024, help="prompt + response tokens (longer responses are cut)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept (the end of the prompt)")
     a("--pack-tokens", type=int, help="packed rows of at most this many tokens, each prompt once followed by its "
-                                      "K responses (data.pack); default --batch-size x --max-length")
+                                      "K responses (data.pack); default --max-length (see README: Packed batches)")
     a("--no-pack", action="store_true", help="one row per response, its prompt repeated, right padded "
                                              "(data.collate): the readable reference the packed path equals")
     a("--out", default="out", help="output directory")
@@ -218,7 +218,9 @@ def configure(args, examples, rank, world, device):
         init=str(init_dir.resolve()) if init_dir else args.init, init_dir=init_dir,
         tokenizer=tokenizer, template=template, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
-        pack_tokens=None if args.no_pack else args.pack_tokens or args.batch_size * args.max_length,
+        # rows no longer than a padded row: on CPU attention computes every score of a row under the dense mask
+        # (model.packed_mask), so a row of B prompts costs ~B x the attention of B rows (README: Packed batches)
+        pack_tokens=None if args.no_pack else args.pack_tokens or args.max_length,
         lora_rank=args.lora_rank, lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, quantize=args.quantize,
         ref="none" if args.loss == "sft" else args.ref if args.ref != "auto" else

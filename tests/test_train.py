@@ -273,12 +273,13 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
 
 @pytest.mark.parametrize("extra, pack", [(["--loss", "nca"], []), (["--loss", "dpo", "--pairs", "dpo"], []),
                                          (["--loss", "sft"], []),
-                                         (["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2"], []),
+                                         (["--loss", "nca", "--lora-rank", "4", "--lr", "1e-2"], ["--pack-tokens", "96"]),
                                          (["--loss", "nca", "--ref", "copy"], ["--pack-tokens", "40"])])
 def test_packed_and_padded_runs_give_the_same_losses(tmp_path, extra, pack):
     # K = 4, prompts of 5 tokens, responses of 2 to 8 (a group ~16 tokens): the padded run computes each prompt 4
-    # times and pads to the longest row; the default --pack-tokens (4 x 24) puts a step's 4 prompts in one row,
-    # 40 two per row. Golden: --no-pack, the readable path: each response its own row, plain causal attention
+    # times and pads to the longest row; the default --pack-tokens (--max-length 24) gives each prompt its own
+    # row, 40 two per row, 96 a step's 4 in one. Golden: --no-pack, the readable path: each response its own row,
+    # plain causal attention
     _, packed = run(tmp_path, "--steps", "3", "--no-export", *extra, *pack, out="packed")
     _, padded = run(tmp_path, "--steps", "3", "--no-export", *extra, "--no-pack", out="padded")
     assert len(packed) == len(padded) == 3
