@@ -923,7 +923,7 @@ def padded_batch(groups, pad_id) -> dict:
     return {"tokens": tokens, "loss_mask": loss_mask, "scored": tuple(scored.T.contiguous())}
 
 
-def pack(examples, tok, *, pack_tokens, template="none", max_length=1024, max_prompt_length=512) -> dict:
+def pack(examples, tok, *, pack_tokens=None, template="none", max_length=1024, max_prompt_length=512) -> dict:
     """The batch collate makes, packed: each prompt once, followed by its K responses (see packed_batch);
     same ids, truncation, rewards [B, K] and counts (_sizes)."""
     groups, n_prompt, n_response = encode(examples, tok, template=template, max_length=max_length,
@@ -931,9 +931,10 @@ def pack(examples, tok, *, pack_tokens, template="none", max_length=1024, max_pr
     return {**packed_batch(groups, tok.pad_id, pack_tokens), **_sizes(examples, groups, n_prompt, n_response)}
 
 
-def packed_batch(groups, pad_id, pack_tokens) -> dict:
-    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens, each holding whole
-    prompt groups (a prompt, then its K responses), right padded to the longest row L. Two prompts
+def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
+    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens (default: the longest
+    group's length, which no row can be shorter than), each holding whole prompt groups (a prompt, then its K
+    responses), right padded to the longest row L. Two prompts
     (b = 0: P P P P with responses x, y; b = 1: Q Q with u, v) in one row:
 
         tokens     P0 P1 P2 P3 | x0 x1 x2 | y0 y1 | Q0 Q1 | u0 u1 | v0 | pad
@@ -952,6 +953,7 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
     (a response never leaves its prompt's row)."""
     rows = []  # per row: [((b, prompt ids, responses), tokens)]
+    pack_tokens = pack_tokens or max(len(p) + sum(map(len, responses)) for p, responses in groups)
     for b, (p, responses) in enumerate(groups):
         n = len(p) + sum(map(len, responses))
         row = next((row for row in rows if sum(m for _, m in row) + n <= pack_tokens), None)
@@ -959,28 +961,33 @@ def packed_batch(groups, pad_id, pack_tokens) -> dict:
             rows.append(row := [])
         row.append(((b, p, responses), n))
     L = max(sum(n for _, n in row) for row in rows)
-    tokens = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [R, L]
-    pos, source = torch.zeros(len(rows), L, dtype=torch.long), torch.zeros(len(rows), L, dtype=torch.long)
-    prompt, response = torch.full((len(rows), L), -1), torch.full((len(rows), L), -1)
+    # built as lists, one tensor per field at the end: slicing into tensors costs ~10 small ops per response
+    fields = {"tokens": pad_id, "pos": 0, "prompt": -1, "response": -1, "source": 0}  # name: its padding value
+    out = {name: [] for name in fields}  # name: [R lists of L]
     scored = ([], [])  # from the lengths, as padded_batch's: nonzero on a GPU would make the host wait
     for i, row in enumerate(rows):
-        t = 0
+        tokens, pos, prompt, response, source = [], [], [], [], []
         for (b, p, responses), _ in row:
-            tokens[i, t:t + len(p)] = torch.tensor(p)
-            pos[i, t:t + len(p)] = torch.arange(len(p))
-            prompt[i, t:t + len(p)] = b
-            last, t = t + len(p) - 1, t + len(p)  # the prompt's last column predicts every response's first token
+            last = len(tokens) + len(p) - 1  # the prompt's last column predicts every response's first token
+            tokens += p
+            pos += range(len(p))
+            prompt += [b] * len(p)
+            response += [-1] * len(p)
+            source += [0] * len(p)
             for k, r in enumerate(responses):
-                tokens[i, t:t + len(r)] = torch.tensor(r)
-                pos[i, t:t + len(r)] = torch.arange(len(p), len(p) + len(r))
-                prompt[i, t:t + len(r)], response[i, t:t + len(r)] = b, k
-                source[i, t:t + len(r)] = torch.arange(t - 1, t + len(r) - 1)
-                source[i, t] = last
+                t = len(tokens)
                 scored[0].extend([i] * len(r))
                 scored[1].extend(range(t, t + len(r)))
-                t += len(r)
-    return {"tokens": tokens, "pos": pos, "prompt": prompt, "response": response, "loss_mask": response >= 0,
-            "scored": tuple(torch.tensor(x, dtype=torch.long) for x in scored), "source": source}
+                tokens += r
+                pos += range(len(p), len(p) + len(r))
+                prompt += [b] * len(r)
+                response += [k] * len(r)
+                source += [last, *range(t, t + len(r) - 1)][:len(r)]
+        for name, values in zip(fields, (tokens, pos, prompt, response, source)):
+            out[name].append(values + [fields[name]] * (L - len(values)))
+    batch = {name: torch.tensor(values, dtype=torch.long) for name, values in out.items()}  # [R, L] each
+    return {**batch, "loss_mask": batch["response"] >= 0,
+            "scored": tuple(torch.tensor(x, dtype=torch.long) for x in scored)}
 
 
 def prompt_ids(prompts, tok, *, template="none", max_length=1024, max_prompt_length=512) -> list[list[int]]:

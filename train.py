@@ -86,7 +86,8 @@ def parse_args(argv):
     a("--max-length", type=int, default=1024, help="prompt + response tokens (longer responses are cut)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept (the end of the prompt)")
     a("--pack-tokens", type=int, help="packed rows of at most this many tokens, each prompt once followed by its "
-                                      "K responses (data.pack); default --max-length (see README: Packed batches)")
+                                      "K responses (data.pack); default: the micro-batch's longest prompt group "
+                                      "(see README: Packed batches)")
     a("--no-pack", action="store_true", help="one row per response, its prompt repeated, right padded "
                                              "(data.collate): the readable reference the packed path equals")
     a("--out", default="out", help="output directory")
@@ -166,7 +167,8 @@ class Run:
     template: str
     max_length: int
     max_prompt_length: int
-    pack_tokens: int | None     # tokens per packed row (data.pack); None: --no-pack, one padded row per response
+    pack: bool                  # packed rows (data.pack); False: --no-pack, one padded row per response
+    pack_tokens: int | None     # the packed rows' budget; None: each micro-batch's longest prompt group
     lora_rank: int              # 0 = full fine-tuning
     lora_alpha: float
     lora_dropout: float
@@ -218,9 +220,7 @@ def configure(args, examples, rank, world, device):
         init=str(init_dir.resolve()) if init_dir else args.init, init_dir=init_dir,
         tokenizer=tokenizer, template=template, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
-        # rows no longer than a padded row: on CPU attention computes every score of a row under the dense mask
-        # (model.packed_mask), so a row of B prompts costs ~B x the attention of B rows (README: Packed batches)
-        pack_tokens=None if args.no_pack else args.pack_tokens or args.max_length,
+        pack=not args.no_pack, pack_tokens=args.pack_tokens,
         lora_rank=args.lora_rank, lora_alpha=lora_alpha(args),
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, quantize=args.quantize,
         ref="none" if args.loss == "sft" else args.ref if args.ref != "auto" else
@@ -248,7 +248,7 @@ def resume_key(run):
     # packed and padded rows give the same log-probs only to float32 rounding (~1e-6): a resumed run that
     # switched would not repeat the uninterrupted one step for step. (The row budget, like --batch-size per
     # process or --compile, changes only how it computes.)
-    key["layout (packed, or padded: --no-pack)"] = "padded" if run.pack_tokens is None else "packed"
+    key["layout (packed, or padded: --no-pack)"] = "packed" if run.pack else "padded"
     return {**key, "--data examples sha256": run.data_sha256, "--dtype": str(run.dtype),
             "global batch (--batch-size x --grad-accum x processes)": run.global_batch}
 
@@ -310,7 +310,7 @@ def collate(run, tok, examples):
     right-padded row per response (data.collate). Both give the same log-probs (log_probs) and carry rewards
     [B, K], response_lengths [B, K] and n_tokens."""
     kw = dict(template=run.template, max_length=run.max_length, max_prompt_length=run.max_prompt_length)
-    batch = data.pack(examples, tok, pack_tokens=run.pack_tokens, **kw) if run.pack_tokens else \
+    batch = data.pack(examples, tok, pack_tokens=run.pack_tokens, **kw) if run.pack else \
         data.collate(examples, tok, **kw)
     return {k: to_device(v, run.device) if isinstance(v, torch.Tensor) else
             tuple(to_device(x, run.device) for x in v) if k == "scored" else v for k, v in batch.items()}

@@ -134,3 +134,9 @@ def test_flexattention_block_mask_gives_the_dense_masks_values():
                                                                                flex=flex)) for flex in (False, True)}
     real = b["prompt"] >= 0
     torch.testing.assert_close(h[True][real], h[False][real], rtol=1e-5, atol=1e-5)
+
+
+def test_by_default_rows_are_no_longer_than_the_longest_group():
+    groups = [([1] * 4, [[2] * 3, [3] * 2]), ([4] * 2, [[5] * 2, [6]]), ([7], [[8], [9]])]  # lengths 9, 5, 3
+    b = data.packed_batch(groups, pad_id=0)
+    assert [sorted(set(r.tolist()) - {-1}) for r in b["prompt"]] == [[0], [1, 2]] and b["tokens"].shape == (2, 9)

@@ -277,8 +277,8 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
                                          (["--loss", "nca", "--ref", "copy"], ["--pack-tokens", "40"])])
 def test_packed_and_padded_runs_give_the_same_losses(tmp_path, extra, pack):
     # K = 4, prompts of 5 tokens, responses of 2 to 8 (a group ~16 tokens): the padded run computes each prompt 4
-    # times and pads to the longest row; the default --pack-tokens (--max-length 24) gives each prompt its own
-    # row, 40 two per row, 96 a step's 4 in one. Golden: --no-pack, the readable path: each response its own row,
+    # times and pads to the longest row; by default (rows up to the longest group) most prompts get a row of their
+    # own, with --pack-tokens 40 two share a row, with 96 a step's 4 share one. Golden: --no-pack, the readable path: each response its own row,
     # plain causal attention
     _, packed = run(tmp_path, "--steps", "3", "--no-export", *extra, *pack, out="packed")
     _, padded = run(tmp_path, "--steps", "3", "--no-export", *extra, "--no-pack", out="padded")
@@ -716,7 +716,7 @@ def test_a_micro_batch_forward_and_backward_never_wait_for_the_device(tmp_path, 
     assert n_tokens == sum(starts) + int(padded["loss_mask"].sum())
     assert run.K == 1 or n_tokens < padded["tokens"].numel()  # K > 1: the padded rows repeat each prompt
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert train.collate(run, tok, examples[:1]).keys() >= ({"scored", "pos"} if run.pack_tokens else {"scored"})
+    assert train.collate(run, tok, examples[:1]).keys() >= ({"scored", "pos"} if run.pack else {"scored"})
     with host_syncs:  # the counter does see a sync: a direct caller handing over the mask pays one nonzero
         batch = data.collate(examples[:1], tok, max_length=24, max_prompt_length=8)
         nca.batch_logps(model, batch["tokens"], batch["loss_mask"])
