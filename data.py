@@ -982,7 +982,7 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
                 pos += range(len(p), len(p) + len(r))
                 prompt += [b] * len(r)
                 response += [k] * len(r)
-                source += [last, *range(t, t + len(r) - 1)][:len(r)]
+                source += [last, *range(t, t + len(r) - 1)]
         for name, values in zip(fields, (tokens, pos, prompt, response, source)):
             out[name].append(values + [fields[name]] * (L - len(values)))
     batch = {name: torch.tensor(values, dtype=torch.long) for name, values in out.items()}  # [R, L] each
