@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,7 +68,7 @@ class Config:
     p_carry: float = 0.75  # a carry is dropped this often: SFT's greedy answer drops every carry, which is right
     # on 51% of the held-out prompts (those without a carry, or whose dropped carries cancel): room to help and hurt
     n_demos: int = 8000
-    n_prompts: int = 2048  # stage 2: train prompts that get K samples each: one epoch of stage 3 (steps x batch)
+    n_prompts: int = 1024  # stage 2: train prompts that get K samples each: one epoch of stage 3 (steps x batch)
     n_test: int = 512  # held-out prompts for stage 4 (and the SFT curve): one prompt is 0.2 points
     K: int = 4
     temperature: float = 1.0
@@ -82,7 +83,7 @@ class Config:
     sft_batch: int = 64
     sft_lr: float = 3e-3
     # stage 3: one budget for every method (steps x prompts per step; a pair counts as a prompt)
-    steps: int = 64
+    steps: int = 32
     batch: int = 32
     lr: float = 3e-4
     beta: float = 1.0  # tiny models drift far per step: beta 0.1 let every method lose accuracy, see README
@@ -127,6 +128,9 @@ def _train(cfg, argv, log):
 
 # ----------------------------------------------------------------------------- stage 1: SFT
 
+INIT_LOCK = threading.Lock()
+
+
 def stage_sft(cfg, seed, tok, test):
     """A tiny decoder trained on imperfect demonstrations -> (OUT/sft-<key>-s<seed>/seg<last>/final, curve).
 
@@ -145,8 +149,9 @@ def stage_sft(cfg, seed, tok, test):
     # train.py builds presets only; an explicit small config is a checkpoint directory to --init from
     args = model_lib.ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads,
                                vocab_size=tok.vocab_size, hidden_dim=cfg.hidden_dim, max_seq_len=MAX_PROMPT + MAX_NEW + 1)
-    torch.manual_seed(seed)
-    model_lib.save_hf(model_lib.Transformer(args), run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
+    with INIT_LOCK:  # SFT seeds may run in threads (run()); torch's global RNG must give each its own init
+        torch.manual_seed(seed)
+        model_lib.save_hf(model_lib.Transformer(args), run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
     t0, init, curve, n = time.time(), run / "init", [], cfg.sft_steps // cfg.sft_segments
     for i in range(cfg.sft_segments):
         seg = run / f"seg{i}"
