@@ -94,6 +94,9 @@ class Config:
     # One by default: tiny matrices gain little from a second thread, and on a busy machine threads that
     # spin-wait for each other made a step 10-20x slower (measured 2.3 s vs 0.12 s).
     threads: int = 1
+    # On this machine 2 threads gave bit-identical SFT models (tiny matrices stay on one thread's path), so a
+    # rounding change is also made directly: the SFT init times 1 + init_noise * N(0, 1) (1e-6: about 10 float32 ulps)
+    init_noise: float = 0.0
     jobs: int = 1  # alignment runs at once (of one reward file): up to cores // threads; no effect on the results
 
 
@@ -104,7 +107,7 @@ def _key(cfg, *fields, extra=()):
 
 
 TASK = ("n_ops", "max_operand")
-SFT = TASK + ("threads", "p_error", "p_carry", "n_demos", "dim", "n_layers", "n_heads", "hidden_dim", "sft_steps",
+SFT = TASK + ("threads", "init_noise", "p_error", "p_carry", "n_demos", "dim", "n_layers", "n_heads", "hidden_dim", "sft_steps",
               "sft_segments", "sft_batch", "sft_lr", "n_test")
 SAMPLE = SFT + ("n_prompts", "K", "temperature")
 ALIGN = SAMPLE + ("steps", "batch", "lr", "beta", "alpha", "lora_rank")
@@ -151,7 +154,12 @@ def stage_sft(cfg, seed, tok, test):
                                vocab_size=tok.vocab_size, hidden_dim=cfg.hidden_dim, max_seq_len=MAX_PROMPT + MAX_NEW + 1)
     with INIT_LOCK:  # SFT seeds may run in threads (run()); torch's global RNG must give each its own init
         torch.manual_seed(seed)
-        model_lib.save_hf(model_lib.Transformer(args), run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
+        init = model_lib.Transformer(args)
+        if cfg.init_noise:  # w * (1 + eps * N(0, 1)): rounding-sized differences, as another machine's would make
+            with torch.no_grad():
+                for w in init.parameters():
+                    w.mul_(1 + cfg.init_noise * torch.randn_like(w))
+        model_lib.save_hf(init, run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
     t0, init, curve, n = time.time(), run / "init", [], cfg.sft_steps // cfg.sft_segments
     for i in range(cfg.sft_segments):
         seg = run / f"seg{i}"
@@ -471,6 +479,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=len(d.seeds), help="seeds 0 .. N-1 per SFT model (reward data, alignment)")
     p.add_argument("--methods", default=",".join(d.methods), help="comma list of %s" % ", ".join(METHODS))
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (another count rounds differently)")
+    p.add_argument("--init-noise", type=float, default=d.init_noise, help="relative noise on the SFT init (1e-6: "
+                   "a rounding-sized change, like another machine's)")
     p.add_argument("--jobs", type=int, help="alignment runs at once; default cores // threads")
     p.add_argument("--steps", type=int, default=d.steps, help="alignment steps, the same for every method")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full fine-tuning (LoRA wants a larger --lr)")
@@ -484,10 +494,10 @@ def main(argv=None):
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     cfg = dataclasses.replace(d, out=a.out, sft_seeds=tuple(range(a.sft_seeds)), seeds=tuple(range(a.seeds)),
-                              methods=methods, threads=a.threads,
+                              methods=methods, threads=a.threads, init_noise=a.init_noise,
                               jobs=a.jobs or max(1, (os.cpu_count() or 1) // a.threads), steps=a.steps, lora_rank=a.lora_rank, lr=a.lr,
                               beta=a.beta, alpha=a.alpha)
-    name = a.name or f"pipeline_t{a.threads}"
+    name = a.name or f"pipeline_t{a.threads}" + (f"_noise{a.init_noise:g}" if a.init_noise else "")
     report(cfg, *run(cfg), name)
     if a.figures:  # the small files README shows; the data and checkpoints stay in --out
         Path(a.figures).mkdir(parents=True, exist_ok=True)
