@@ -1,8 +1,9 @@
 """The paper's pipeline in miniature, on a CPU: SFT -> sample K and score -> align -> evaluate.
 
     python train.py                        # demo(): SFT seed 0, DPO and NCA on one reward file, out/pipeline/demo.png
-    python toy/pipeline.py --threads 1     # the full table: 6 methods x 3 SFT seeds x 3 seeds -> toy/figures/pipeline_t1.*
-    python toy/pipeline.py --threads 2     # the same on 2 torch threads: other float rounding, its own runs
+    python toy/pipeline.py                 # the full table: 6 methods x 3 SFT seeds x 3 seeds -> toy/figures/pipeline_t1.*
+    python toy/pipeline.py --init-noise 1e-6   # the same from SFT inits changed by ~10 float32 ulps: its own runs
+    python toy/pipeline.py --threads 2     # the same on 2 torch threads (its own runs; bit-identical on our CPU)
 
 The task is toy/arith.py: chains of additions with a worked answer ("7+15-3=" -> "7+15=22;22-3=19;#19")
 and an exact reward (1 for the right answer, partial credit per correct step). The demonstrations
