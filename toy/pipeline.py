@@ -463,7 +463,7 @@ def demo(cfg=Config(sft_seeds=(0,), seeds=(0,), methods=("dpo", "nca"), jobs=min
     bx.bar(list(acc), list(acc.values()), color=["gray", "tab:blue", "tab:red"])
     for x, v in enumerate(acc.values()):
         bx.text(x, v, f"{v:.3f}", ha="center", va="bottom")
-    bx.set(ylim=(0, 1), title=f"held-out greedy accuracy ({cfg.n_test} prompts)")
+    bx.set(ylim=(0, 1), title="held-out greedy accuracy", xlabel=f"{cfg.n_test} prompts")
     fig.tight_layout()
     fig.savefig(Path(cfg.out) / "demo.png", dpi=110)
     plt.close(fig)
