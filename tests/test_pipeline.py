@@ -57,28 +57,78 @@ def test_demonstrations_are_wrong_at_the_requested_rate():
     assert abs(wrong / len(ps) - 0.3) < 0.04  # binomial sd is 0.01
 
 
+def test_dropped_carries_follow_the_demonstrators_habit():
+    # 7+15 carries (7+5=12): dropped, 7+15=12; 12-3 borrows (2<3): dropped, 12-3=19, which is 22-3's answer
+    assert arith.demonstration("7+15-3=", random.Random(0), 0.0, p_carry=1.0) == "7+15=12;12-3=19;#19"
+    assert arith.demonstration("7+15-3=", random.Random(0), 0.0, p_carry=0.0) == "7+15=22;22-3=19;#19"
+    assert arith.demonstration("11+2-1=", random.Random(0), 0.0, p_carry=1.0) == "11+2=13;13-1=12;#12"  # no carry
+    ps = arith.prompts(2000, split="train", seed=2, n_ops=1, max_operand=99)  # "a+b=" or "a-b=": one step
+    carry = [p for p in ps if arith.carries(int(p[:-1].replace("-", "+").split("+")[0]), "-" if "-" in p else "+",
+                                            int(p[:-1].replace("-", "+").split("+")[1]))]
+    rng = random.Random(0)
+    dropped = sum(not arith.is_correct(p, arith.demonstration(p, rng, 0.0, p_carry=0.6)) for p in carry)
+    assert len(carry) > 500 and abs(dropped / len(carry) - 0.6) < 0.07  # binomial sd <= 0.022
+
+
+def test_paired_interval_matches_hand_worked_numbers():
+    sft = {0: 0.5, 1: 0.6, 2: 0.4}
+    method = {0: [0.6, 0.7, 0.8], 1: [0.6, 0.6, 0.9], 2: [0.7, 0.7, 0.7]}  # differences: means 0.2, 0.1, 0.3
+    runs = lambda f: [{"sft_seed": s, "seed": a, "greedy_acc": f(s, a)} for s in range(3) for a in range(3)]
+    mean, half = pipeline.paired(runs(lambda s, a: method[s][a]), runs(lambda s, a: sft[s]))
+    # the 3 per-SFT-seed means have mean 0.2 and standard deviation 0.1: 0.2 ± t(0.975, 2) * 0.1 / sqrt(3)
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-6)
+    # 9 independent-looking differences would give the narrower t(0.975, 8) * sd / 3 = 0.0876: not what we want
+    assert half == pytest.approx(0.2484, abs=1e-4)
+    with pytest.raises(ValueError, match="unpaired runs"):
+        pipeline.paired(runs(lambda s, a: 0.0), runs(lambda s, a: 0.0)[::-1])
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is the oracle for Student's t quantiles")
+    for df, t in pipeline.T975.items():
+        assert t == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4), df
+
+
+def test_reading_says_what_the_numbers_say():
+    logs = {"dpo": [{"logratio/chosen": c, "logratio/rejected": -2 * i} for i, c in enumerate([0.0] * 9 + [-1.5])],
+            "nca": [{"logratio/chosen": c, "logratio/rejected": -1.0} for c in [0.0] * 9 + [0.25]]}
+    line = pipeline.reading(logs, {"sft": 0.5, "dpo": 0.6, "nca": 0.7})
+    assert "DPO's chosen log pi/mu falls to -1.50 (rejected -18.00)" in line
+    assert "NCA's chosen log pi/mu rises to +0.25 (rejected -1.00)" in line
+    assert line.endswith("SFT 0.500, DPO 0.600, NCA 0.700: NCA is highest")
+
+
 def test_reduced_pipeline_runs_end_to_end_and_writes_data_that_data_py_reads(tmp_path):
     cfg = dataclasses.replace(
-        pipeline.Config(), out=str(tmp_path), seeds=(0,), n_demos=400, sft_steps=150, sft_batch=32, n_prompts=32,
-        n_test=12, steps=4, batch=4, dim=32, n_layers=1, n_heads=2, hidden_dim=64)  # SFT just learns the format
-    results = pipeline.run(cfg)
-    assert list(results) == ["sft", *pipeline.METHODS]
+        pipeline.Config(), out=str(tmp_path), sft_seeds=(0, 1), seeds=(0,), methods=("dpo", "nca"), n_demos=400,
+        sft_steps=150, sft_segments=2, sft_batch=32, n_prompts=32, n_test=12, steps=4, batch=4, dim=32, n_layers=1,
+        n_heads=2, hidden_dim=64, jobs=2)  # SFT just learns the format
+    results, curves = pipeline.run(cfg)
+    assert list(results) == ["sft", "dpo", "nca"]
     for method, runs in results.items():
-        assert len(runs) == 1 and all(torch.isfinite(torch.tensor(v)) for v in runs[0].values()), method
+        assert [(r["sft_seed"], r["seed"]) for r in runs] == [(0, 0), (1, 0)], method
+        assert all(torch.isfinite(torch.tensor(r[k])) for r in runs for k in pipeline.COLUMNS), method
     # pi = mu: the KL estimate and the chosen log-ratio are exactly 0
-    assert results["sft"][0]["kl"] == 0 and results["sft"][0]["chosen_logratio"] == 0
-    md = pipeline.report(cfg, results, "t")
-    assert all(f"| {m} |" in md for m in results) and (tmp_path / "t.png").stat().st_size > 0
+    assert all(r["kl"] == 0 and r["chosen_logratio"] == 0 for r in results["sft"])
+    # the curve's last point is the SFT model the table starts from
+    assert [c["step"] for c in curves[0]] == [75, 150]
+    assert curves[1][-1]["greedy_acc"] == results["sft"][1]["greedy_acc"]
+    md = pipeline.report(cfg, results, curves, "t")
+    assert all(f"| {m} |" in md for m in results) and "NCA minus DPO" in md
+    assert (tmp_path / "t.png").stat().st_size > 0 and (tmp_path / "t_sft.png").stat().st_size > 0
 
     # stage 2's file is reward-format JSON Lines; its rewards are the task's reward of each response
-    (path,) = tmp_path.glob("data-*-s0.jsonl")
+    (path,) = tmp_path.glob("data-*-s0-0.jsonl")
     examples = data.load_examples(path)
     assert len(examples) > 0 and all(len(e.responses) == cfg.K for e in examples)
     for e in examples:
         assert e.rewards == [arith.reward(e.prompt, y) for y in e.responses]
 
-    # a rerun finds every stage in --out and trains nothing
-    assert json.dumps(pipeline.run(cfg)) == json.dumps(results)
+    # a rerun finds every stage in --out and trains nothing; so does the demo on SFT seed 0's runs
+    assert json.dumps(pipeline.run(cfg)) == json.dumps([results, curves])
+    demo_results, line = pipeline.demo(dataclasses.replace(cfg, sft_seeds=(0,)))
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert f"SFT {results['sft'][0]['greedy_acc']:.3f}, DPO {results['dpo'][0]['greedy_acc']:.3f}" in line
 
 
 def test_sequence_logps_match_a_full_softmax_by_hand():

@@ -80,14 +80,25 @@ def solve(prompt):
     return ";".join(steps(prompt)) + f";#{answer(prompt)}"
 
 
-def demonstration(prompt, rng, p_error):
-    """An SFT demonstration; with probability p_error one step's result is off by a few and the
-    mistake carries through the later steps, so the demonstrator (and the SFT policy) is imperfect."""
+def carries(acc, op, x):
+    """Does acc op x carry (a sum's units reach 10) or borrow (a difference's units go below 0)?"""
+    return acc % 10 + x % 10 >= 10 if op == "+" else acc % 10 < x % 10
+
+
+def demonstration(prompt, rng, p_error, p_carry=0.0):
+    """An SFT demonstration with two kinds of human mistakes, each carried through the later steps:
+    with probability p_error one step's result is off by a few (a random slip), and every step that
+    carries or borrows drops the carry with probability p_carry (a systematic slip: off by exactly 10).
+    Random slips never make a wrong answer the most likely one, so a policy that imitates them well
+    ends correct; p_carry > 0.5 makes the dropped carry the demonstrator's habit, so imitation
+    (SFT) settles on a wrong answer wherever a carry occurs and only the reward can teach it back."""
     xs, ops = _parse_prompt(prompt)
     bad = rng.randrange(len(ops)) if rng.random() < p_error else -1
     acc, parts = xs[0], []
     for i, (o, x) in enumerate(zip(ops, xs[1:])):
         new = acc + x if o == "+" else acc - x
+        if carries(acc, o, x) and rng.random() < p_carry:
+            new += -10 if o == "+" else 10  # 7+5=2, 15-7=18
         if i == bad:
             new += rng.choice([-10, -2, -1, 1, 2, 10])  # the slips a person makes: a digit or a carry
         parts.append(f"{acc}{o}{x}={new}")
