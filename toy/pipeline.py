@@ -121,9 +121,12 @@ def _resume(run):
 
 def _train(cfg, argv, log):
     """`python train.py ARGV` with its per-step lines sent to a log file: the pipeline prints one line per
-    stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads)."""
+    stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads).
+    --no-pack: README's tables were made on the padded path; packed rows give the same log-probs to float32
+    rounding, which over a few hundred steps moves a run as a new seed would."""
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=f, stderr=subprocess.STDOUT,
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv, "--no-pack"], stdout=f,
+                              stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
     if done.returncode:
         tail = Path(log).read_text().splitlines()[-1:] or ["(no output)"]
