@@ -98,6 +98,22 @@ def test_reading_says_what_the_numbers_say():
     assert line.endswith("SFT 0.500, DPO 0.600, NCA 0.700: NCA is highest")
 
 
+def test_cpu_capability_reaches_every_train_run_and_every_stage_key(tmp_path, monkeypatch):
+    # a stand-in train.py that reports the kernels torch chose in it: the variable must reach a real child process
+    (tmp_path / "train.py").write_text("import torch; print(torch.backends.cpu.get_cpu_capability())")
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    here = pipeline.Config()
+    assert here.cpu_capability == torch.backends.cpu.get_cpu_capability().lower()
+    other = dataclasses.replace(here, cpu_capability="default")  # no vector kernels: valid on every CPU
+    pipeline._train(other, [], tmp_path / "log.txt")
+    assert (tmp_path / "log.txt").read_text().split() == ["DEFAULT"]
+    for stage in (pipeline.SFT, pipeline.SAMPLE, pipeline.ALIGN):  # another rounding: every stage runs again
+        assert pipeline._key(here, *stage) != pipeline._key(other, *stage)
+    if here.cpu_capability != "default":  # this process imported torch with its own kernels: refused, one line
+        with pytest.raises(ValueError, match="this process runs .* start Python with ATEN_CPU_CAPABILITY=default"):
+            pipeline.run(dataclasses.replace(other, out=str(tmp_path)))
+
+
 def test_reduced_pipeline_runs_end_to_end_and_writes_data_that_data_py_reads(tmp_path):
     cfg = dataclasses.replace(
         pipeline.Config(), out=str(tmp_path), sft_seeds=(0, 1), seeds=(0,), methods=("dpo", "nca"), n_demos=400,

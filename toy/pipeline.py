@@ -1,8 +1,8 @@
 """The paper's pipeline in miniature, on a CPU: SFT -> sample K and score -> align -> evaluate.
 
     python train.py                        # demo(): SFT seed 0, DPO and NCA on one reward file, out/pipeline/demo.png
-    python toy/pipeline.py                 # the full table: 6 methods x 3 SFT seeds x 3 seeds -> toy/figures/pipeline_t1.*
-    python toy/pipeline.py --init-noise 1e-6   # the same from SFT inits changed by ~10 float32 ulps: its own runs
+    python toy/pipeline.py                 # the full table: 6 methods x 3 SFT seeds x 3 seeds -> toy/figures/pipeline_t1_avx512.*
+    ATEN_CPU_CAPABILITY=avx2 python toy/pipeline.py   # the same on ATen's AVX2 kernels (an AVX2-only CPU's rounding)
     python toy/pipeline.py --threads 2     # the same on 2 torch threads (its own runs; bit-identical on our CPU)
 
 The task is toy/arith.py: chains of additions with a worked answer ("7+15-3=" -> "7+15=22;22-3=19;#19")
@@ -95,9 +95,12 @@ class Config:
     # One by default: tiny matrices gain little from a second thread, and on a busy machine threads that
     # spin-wait for each other made a step 10-20x slower (measured 2.3 s vs 0.12 s).
     threads: int = 1
-    # On this machine 2 threads gave bit-identical SFT models (tiny matrices stay on one thread's path), so a
-    # rounding change is also made directly: the SFT init times 1 + init_noise * N(0, 1) (1e-6: about 10 float32 ulps)
-    init_noise: float = 0.0
+    # ATen's vectorised CPU kernels (attention, softmax, SiLU, ...) here and in every train.py run. torch picks
+    # the CPU's widest at import, unless ATEN_CPU_CAPABILITY (avx512, avx2, default) names a narrower one; another
+    # CPU family runs other kernels that round differently, so `ATEN_CPU_CAPABILITY=avx2` makes an AVX-512
+    # machine round as an AVX2-only one does (a second thread does not: tiny matrices stay on one thread).
+    # Read from torch, so it is what really ran; part of every stage's key.
+    cpu_capability: str = torch.backends.cpu.get_cpu_capability().lower()
     jobs: int = 1  # alignment runs at once (of one reward file): up to cores // threads; no effect on the results
 
 
@@ -108,7 +111,7 @@ def _key(cfg, *fields, extra=()):
 
 
 TASK = ("n_ops", "max_operand")
-SFT = TASK + ("threads", "init_noise", "p_error", "p_carry", "n_demos", "dim", "n_layers", "n_heads", "hidden_dim", "sft_steps",
+SFT = TASK + ("threads", "cpu_capability", "p_error", "p_carry", "n_demos", "dim", "n_layers", "n_heads", "hidden_dim", "sft_steps",
               "sft_segments", "sft_batch", "sft_lr", "n_test")
 SAMPLE = SFT + ("n_prompts", "K", "temperature")
 ALIGN = SAMPLE + ("steps", "batch", "lr", "beta", "alpha", "lora_rank")
@@ -121,13 +124,15 @@ def _resume(run):
 
 def _train(cfg, argv, log):
     """`python train.py ARGV` with its per-step lines sent to a log file: the pipeline prints one line per
-    stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads).
+    stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads) and
+    cfg.cpu_capability's kernels.
     --no-pack: README's tables were made on the padded path; packed rows give the same log-probs to float32
     rounding, which over a few hundred steps moves a run as a new seed would."""
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv, "--no-pack"], stdout=f,
                               stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads)})
+                              env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads),
+                                   "ATEN_CPU_CAPABILITY": cfg.cpu_capability})
     if done.returncode:
         tail = Path(log).read_text().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"train.py {' '.join(argv)} failed (exit {done.returncode}): {tail[0]}; see {log}")
@@ -158,12 +163,7 @@ def stage_sft(cfg, seed, tok, test):
                                vocab_size=tok.vocab_size, hidden_dim=cfg.hidden_dim, max_seq_len=MAX_PROMPT + MAX_NEW + 1)
     with INIT_LOCK:  # SFT seeds may run in threads (run()); torch's global RNG must give each its own init
         torch.manual_seed(seed)
-        init = model_lib.Transformer(args)
-        if cfg.init_noise:  # w * (1 + eps * N(0, 1)): rounding-sized differences, as another machine's would make
-            with torch.no_grad():
-                for w in init.parameters():
-                    w.mul_(1 + cfg.init_noise * torch.randn_like(w))
-        model_lib.save_hf(init, run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
+        model_lib.save_hf(model_lib.Transformer(args), run / "init", config={"nca_tokenizer": "byte", "nca_template": "none"})
     t0, init, curve, n = time.time(), run / "init", [], cfg.sft_steps // cfg.sft_segments
     for i in range(cfg.sft_segments):
         seg = run / f"seg{i}"
@@ -382,6 +382,9 @@ def curve_figure(curves, path, title):
 def run(cfg):
     """Every stage for every SFT seed, seed and method -> (results, curves): results {method: [metrics per
     (SFT seed, seed)]} with "sft" first, curves {SFT seed: SFT learning curve}."""
+    if cfg.cpu_capability != (here := torch.backends.cpu.get_cpu_capability().lower()):  # torch reads it at import only
+        raise ValueError(f"cpu_capability {cfg.cpu_capability!r}, but this process runs {here!r}: "
+                         f"start Python with ATEN_CPU_CAPABILITY={cfg.cpu_capability}")
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     tok = data.load_tokenizer("byte")
@@ -420,8 +423,8 @@ def report(cfg, results, curves, name):
                                                   "results": results}, indent=1))
     figure(results, out / f"{name}.png", f"{cfg.n_test} held-out prompts, {len(cfg.sft_seeds)} SFT x {len(cfg.seeds)} "
            f"seeds, {cfg.steps} steps x {cfg.batch} prompts, {'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full FT'}, "
-           f"beta {cfg.beta}, alpha {cfg.alpha}, {cfg.threads} thread(s). Blue: relative (DPO, InfoNCA), red: absolute (NCA)")
-    curve_figure(curves, out / f"{name}_sft.png", f"SFT, {cfg.threads} thread(s)")
+           f"beta {cfg.beta}, alpha {cfg.alpha}, {cfg.threads} thread(s), {cfg.cpu_capability}. Blue: relative (DPO, InfoNCA), red: absolute (NCA)")
+    curve_figure(curves, out / f"{name}_sft.png", f"SFT, {cfg.threads} thread(s), {cfg.cpu_capability}")
     print(md)
     print(f"written {out / name}.md, .json, .png, _sft.png")
     return md
@@ -483,25 +486,24 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=len(d.seeds), help="seeds 0 .. N-1 per SFT model (reward data, alignment)")
     p.add_argument("--methods", default=",".join(d.methods), help="comma list of %s" % ", ".join(METHODS))
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (another count rounds differently)")
-    p.add_argument("--init-noise", type=float, default=d.init_noise, help="relative noise on the SFT init (1e-6: "
-                   "a rounding-sized change, like another machine's)")
     p.add_argument("--jobs", type=int, help="alignment runs at once; default cores // threads")
     p.add_argument("--steps", type=int, default=d.steps, help="alignment steps, the same for every method")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full fine-tuning (LoRA wants a larger --lr)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--name", help="file name of the table and figures in --out; default pipeline_t<threads>")
+    p.add_argument("--name", help="file name of the table and figures in --out; default pipeline_t<threads>_<ATen "
+                   "CPU capability>")
     p.add_argument("--figures", default="toy/figures", help="also copy the table and figures here ('' = don't)")
     a = p.parse_args(argv)
     methods = tuple(a.methods.split(","))
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     cfg = dataclasses.replace(d, out=a.out, sft_seeds=tuple(range(a.sft_seeds)), seeds=tuple(range(a.seeds)),
-                              methods=methods, threads=a.threads, init_noise=a.init_noise,
+                              methods=methods, threads=a.threads,
                               jobs=a.jobs or max(1, (os.cpu_count() or 1) // a.threads), steps=a.steps, lora_rank=a.lora_rank, lr=a.lr,
                               beta=a.beta, alpha=a.alpha)
-    name = a.name or f"pipeline_t{a.threads}" + (f"_noise{a.init_noise:g}" if a.init_noise else "")
+    name = a.name or f"pipeline_t{a.threads}_{cfg.cpu_capability}"
     report(cfg, *run(cfg), name)
     if a.figures:  # the small files README shows; the data and checkpoints stay in --out
         Path(a.figures).mkdir(parents=True, exist_ok=True)
