@@ -943,13 +943,21 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
         response   -1 -1 -1 -1 |  0  0  0 |  1  1 | -1 -1 |  0  0 |  1 |  -1
         source                 |  3  4  5 |  3  7 |       | 10 11 | 10 |
 
-    pos restarts after the prompt for every response, so with model.packed_mask (a response sees its
-    prompt and its own earlier tokens) response k of prompt b gets exactly the logits it gets alone in
-    collate's row. Returns tokens, pos, prompt, response [R, L] (prompt: b, -1 on padding; response: k,
-    -1 on prompt tokens and padding), loss_mask [R, L] (the responses' tokens, as collate's), scored
-    (loss_mask's True positions, rows and columns [M], row by row as nonzero gives them) and source
-    [R, L]: for a scored token, the column whose hidden state predicts it: the one before it, or the
-    prompt's last token for a response's first token (the same prediction collate's row makes).
+    Only attention needs to see a response beside its prompt, so it runs on collate's padded rows, one per
+    response (b * K + k, S columns), gathered from the packed tokens and back (model.Attention):
+
+        to_padded  row 0: P0 P1 P2 P3 x0 x1 x2    row 1: P0 P1 P2 P3 y0 y1 .     (as flat indices into the
+                   row 2: Q0 Q1 u0 u1 .  .  .     row 3: Q0 Q1 v0 .  .  .  .      packed [R * L] tokens)
+        to_packed  each packed token's slot in those rows (a prompt token: its slot in row b * K + 0)
+
+    pos restarts after the prompt for every response, so response k of prompt b gets exactly the logits it
+    gets alone in collate's row: everything but attention runs once per packed token. Returns tokens, pos,
+    prompt, response [R, L] (prompt: b, -1 on padding; response: k, -1 on prompt tokens and padding), loss_mask
+    [R, L] (the responses' tokens, as collate's), scored (loss_mask's True positions, rows and columns [M], row
+    by row as nonzero gives them), source [R, L]: for a scored token, the column whose hidden state predicts it
+    (the one before it, or the prompt's last token for a response's first token, as collate's row predicts
+    it), to_padded [B * K, S] and to_packed [R, L] (padding points at index 0: right padding is after every
+    real token of its row, where causal attention does not look).
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
     (a response never leaves its prompt's row)."""
     rows = []  # per row: [((b, prompt ids, responses), tokens)]
@@ -961,19 +969,24 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
             rows.append(row := [])
         row.append(((b, p, responses), n))
     L = max(sum(n for _, n in row) for row in rows)
+    K = len(groups[0][1])
+    S = max(len(p) + len(r) for p, responses in groups for r in responses)
     # built as lists, one tensor per field at the end: slicing into tensors costs ~10 small ops per response
-    fields = {"tokens": pad_id, "pos": 0, "prompt": -1, "response": -1, "source": 0}  # name: its padding value
+    fields = {"tokens": pad_id, "pos": 0, "prompt": -1, "response": -1, "source": 0, "to_packed": 0}  # name: padding
     out = {name: [] for name in fields}  # name: [R lists of L]
+    to_padded = [[0] * S for _ in range(len(groups) * K)]
     scored = ([], [])  # from the lengths, as padded_batch's: nonzero on a GPU would make the host wait
     for i, row in enumerate(rows):
-        tokens, pos, prompt, response, source = [], [], [], [], []
+        tokens, pos, prompt, response, source, to_packed = [], [], [], [], [], []
         for (b, p, responses), _ in row:
-            last = len(tokens) + len(p) - 1  # the prompt's last column predicts every response's first token
+            first = len(tokens)  # the prompt's first column
+            last = first + len(p) - 1  # the prompt's last column predicts every response's first token
             tokens += p
             pos += range(len(p))
             prompt += [b] * len(p)
             response += [-1] * len(p)
             source += [0] * len(p)
+            to_packed += range(b * K * S, b * K * S + len(p))
             for k, r in enumerate(responses):
                 t = len(tokens)
                 scored[0].extend([i] * len(r))
@@ -983,10 +996,14 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
                 prompt += [b] * len(r)
                 response += [k] * len(r)
                 source += [last, *range(t, t + len(r) - 1)]
-        for name, values in zip(fields, (tokens, pos, prompt, response, source)):
+                n = b * K + k
+                to_packed += range(n * S + len(p), n * S + len(p) + len(r))
+                to_padded[n][:len(p) + len(r)] = [*range(i * L + first, i * L + first + len(p)),
+                                                  *range(i * L + t, i * L + t + len(r))]
+        for name, values in zip(fields, (tokens, pos, prompt, response, source, to_packed)):
             out[name].append(values + [fields[name]] * (L - len(values)))
     batch = {name: torch.tensor(values, dtype=torch.long) for name, values in out.items()}  # [R, L] each
-    return {**batch, "loss_mask": batch["response"] >= 0,
+    return {**batch, "to_padded": torch.tensor(to_padded, dtype=torch.long), "loss_mask": batch["response"] >= 0,
             "scored": tuple(torch.tensor(x, dtype=torch.long) for x in scored)}
 
 

@@ -7,7 +7,6 @@ Parameter names are Meta's, so they ARE the state-dict keys of the original chec
 (`layers.0.attention.wq.weight`); the Hugging Face names are mapped in `_hf_name`.
 """
 import copy
-import functools
 import json
 import math
 import mmap
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -135,34 +133,6 @@ def attention_mask(q_slot, k_slot, window=None, keep=None):
     return m
 
 
-def packed_mask(prompt, response, pos, window=None, flex=None):
-    """Attention of packed rows (data.packed_batch): query q sees key k of its row iff k <= q, both belong
-    to the same prompt, and k is a prompt token or a token of q's own response. So a prompt token sees
-    its prompt causally, a token of response j its prompt and the earlier tokens of response j, exactly
-    as in its own padded row; padding (prompt -1) sees only padding. With a sliding window, also
-    pos[q] - pos[k] < window: the distance the two tokens have in the padded row.
-    prompt, response, pos [R, L] -> a bool mask [R, 1, L, L] for SDPA on CPU (FlexAttention has no CPU
-    backward in torch 2.13), a FlexAttention BlockMask on CUDA (its kernel skips the masked-out blocks);
-    flex=True/False picks one on any device."""
-    def rule(b, h, q, k):  # index tensors (broadcast, or scalars under FlexAttention's vmap) -> bool
-        m = (k <= q) & (prompt[b, k] == prompt[b, q]) & ((response[b, k] < 0) | (response[b, k] == response[b, q]))
-        return m if window is None else m & (pos[b, q] - pos[b, k] < window)
-    R, L = prompt.shape
-    if prompt.device.type == "cuda" if flex is None else flex:
-        return create_block_mask(rule, R, None, L, L, device=prompt.device)
-    b, i = torch.arange(R, device=prompt.device), torch.arange(L, device=prompt.device)
-    return rule(b[:, None, None, None], None, i[:, None], i[None, :])  # [R, 1, L, L]
-
-
-@functools.cache
-def _flex_attention():
-    """FlexAttention compiled (on first use: torch.compile costs seconds even to set up). Compiled it is one
-    fused kernel; eager it would materialise the [T, T] scores (torch warns). A second row length
-    recompiles it for dynamic shapes, once; on CPU torch 2.13's inductor then writes C++ that does not
-    compile (seen here), one more reason CPU takes SDPA. On CUDA (Triton) not yet run."""
-    return torch.compile(flex_attention)
-
-
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -173,21 +143,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, d]
+    def forward(self, x, cos, sin, mask, cache=None, pack=None):  # x [B, T, d]
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if pack is not None:  # packed rows (data.packed_batch): attend in each response's own padded row
+            to_padded, to_packed = pack  # [N, S] and [B, T] flat indices
+            q, k, v = (t.flatten(0, 1)[to_padded] for t in (q, k, v))  # [N, S, H, hd]: a prompt's K times
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         if cache is not None:
             k, v = cache.update(k, v)  # [B, KV, S, hd]: every slot filled so far
         # mask None = plain causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each
         # K/V head among n_heads // n_kv_heads query heads without materialising the repeats.
-        if isinstance(mask, BlockMask):  # packed rows on CUDA (packed_mask)
-            y = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = y.transpose(1, 2)  # [B, T, H, hd] (packed: [N, S, H, hd])
+        if pack is not None:
+            y = y.flatten(0, 1)[to_packed]  # [B, T, H, hd]: each packed token's output from its slot
+        return self.wo(y.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -209,8 +182,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, pack=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pack)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -240,27 +213,29 @@ class Transformer(nn.Module):
             # load_state_dict(assign=True) puts in new Parameter objects: tie them again after every load
             self.register_load_state_dict_post_hook(lambda m, _: setattr(m.output, "weight", m.tok_embeddings.weight))
 
-    def hidden(self, tokens, pos=None, mask=None, cache=None):
+    def hidden(self, tokens, pos=None, mask=None, cache=None, pack=None):
         """tokens [B, T] -> final-normed hidden states [B, T, d]. Training needs only tokens: attention is
         causal, so right padding cannot reach real positions. generate() also passes RoPE positions
-        pos [B, T], a mask from attention_mask() and one KVCache per layer; packed rows (nca.packed_logps)
-        pass pos and a mask from packed_mask(), which already holds the sliding window."""
+        pos [B, T], a mask from attention_mask() and one KVCache per layer. Packed rows (nca.packed_logps)
+        pass pos and pack = (to_padded, to_packed) from data.packed_batch: attention then runs in collate's
+        padded rows [N, S], every other layer on the packed tokens, each prompt token once."""
         T = tokens.shape[1]
-        slots = torch.arange(T, device=tokens.device)
         if cache is not None and mask is None:  # SDPA's is_causal aligns queries to the first keys, not the last
             raise ValueError("Transformer.hidden: with a cache, pass the mask (model.attention_mask), as generate() does")
         if pos is None:
-            pos = slots[None]
+            pos = torch.arange(T, device=tokens.device)[None]
+        S = T if pack is None else pack[0].shape[1]  # the rows attention sees
         window = self.args.sliding_window
-        if mask is None and window is not None and T > window:
+        if mask is None and window is not None and S > window:
+            slots = torch.arange(S, device=tokens.device)
             mask = attention_mask(slots, slots, window)
         cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta, self.args.rope_scaling)
         x = self.tok_embeddings(tokens)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, pack, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], pack)
         return self.norm(x)
 
     def forward(self, tokens):
