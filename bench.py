@@ -348,8 +348,7 @@ def bench_pack(args):
     import subprocess
     print(f"forward + backward (NCA loss), {PACK_B} prompts x K = {PACK_K} per micro-batch, UltraFeedback-like "
           f"lengths (bench.py: PACK_SHAPES), float32 on {args.device} ({args.threads} CPU threads), pack_tokens "
-          f"{args.pack_tokens}, attention of packed rows: " + ("FlexAttention" if args.device == "cuda" else
-                                                               "SDPA with a dense bool mask") + "; "
+          f"{args.pack_tokens}; "
           f"each path in a fresh process, {args.steps} seeded micro-batches after one warm-up, best of {args.rounds} "
           f"interleaved rounds. tokens/s counts each prompt token once plus each response token; 'computed' is "
           f"the tokens the transformer runs over, per counted token; peak MB: RSS on CPU, allocated on CUDA")
