@@ -328,7 +328,7 @@ def pack_variant(shape, path, steps, threads, pack_tokens, device):
             logps = nca.batch_logps(model, b["tokens"].to(device), tuple(x.to(device) for x in b["scored"]))
             logps = logps.view(PACK_B, PACK_K)
         else:
-            b = {k: v.to(device) if k != "scored" else tuple(x.to(device) for x in v)
+            b = {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
                  for k, v in data.packed_batch(groups, pad_id=0, pack_tokens=pack_tokens).items()}
             b["rewards"] = rewards
             logps = nca.packed_logps(model, b)

@@ -148,19 +148,23 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if pack is not None:  # packed rows (data.packed_batch): attend in each response's own padded row
-            to_padded, to_packed = pack  # [N, S] and [B, T] flat indices
-            q, k, v = (t.flatten(0, 1)[to_padded] for t in (q, k, v))  # [N, S, H, hd]: a prompt's K times
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        if pack is not None:  # packed rows (data.packed_batch): each response attends in its own row
+            buckets, to_packed = pack  # [(to_padded [N, S], its mask)], to_packed [B, T]
+            q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [B*T, H, hd]
+            y = torch.cat([attend(q[rows], k[rows], v[rows], m).flatten(0, 1) for rows, m in buckets])  # [sum N*S, H, hd]
+            return self.wo(y[to_packed].view(B, T, -1))
         if cache is not None:
-            k, v = cache.update(k, v)  # [B, KV, S, hd]: every slot filled so far
-        # mask None = plain causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each
-        # K/V head among n_heads // n_kv_heads query heads without materialising the repeats.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        y = y.transpose(1, 2)  # [B, T, H, hd] (packed: [N, S, H, hd])
-        if pack is not None:
-            y = y.flatten(0, 1)[to_packed]  # [B, T, H, hd]: each packed token's output from its slot
-        return self.wo(y.reshape(B, T, -1))
+            k, v = cache.update(k, v)  # [B, S, KV, hd]: every slot filled so far
+        return self.wo(attend(q, k, v, mask).reshape(B, T, -1))
+
+
+def attend(q, k, v, mask):
+    """SDPA on [B, T, H, hd] queries and [B, S, KV, hd] keys and values -> [B, T, H, hd]. mask None = plain
+    causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each K/V head among
+    n_heads // n_kv_heads query heads without materialising the repeats."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)
+    return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -218,17 +222,21 @@ class Transformer(nn.Module):
         causal, so right padding cannot reach real positions. generate() also passes RoPE positions
         pos [B, T], a mask from attention_mask() and one KVCache per layer. Packed rows (nca.packed_logps)
         pass pos and pack = (to_padded, to_packed) from data.packed_batch: attention then runs in collate's
-        padded rows [N, S], every other layer on the packed tokens, each prompt token once."""
+        rows [prompt; response], every other layer once per packed token."""
         T = tokens.shape[1]
         if cache is not None and mask is None:  # SDPA's is_causal aligns queries to the first keys, not the last
             raise ValueError("Transformer.hidden: with a cache, pass the mask (model.attention_mask), as generate() does")
         if pos is None:
             pos = torch.arange(T, device=tokens.device)[None]
-        S = T if pack is None else pack[0].shape[1]  # the rows attention sees
         window = self.args.sliding_window
-        if mask is None and window is not None and S > window:
+
+        def causal(S):  # None: plain causal attention over S slots; past the sliding window, a [S, S] mask
             slots = torch.arange(S, device=tokens.device)
-            mask = attention_mask(slots, slots, window)
+            return None if window is None or S <= window else attention_mask(slots, slots, window)
+        if pack is not None:
+            pack = [(rows, causal(rows.shape[1])) for rows in pack[0]], pack[1]
+        elif mask is None:
+            mask = causal(T)
         cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta, self.args.rope_scaling)
         x = self.tok_embeddings(tokens)  # [B, T, d]
         for i, layer in enumerate(self.layers):
@@ -245,19 +253,19 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- generation
 
 class KVCache:
-    """One layer's keys and values for every slot so far: [B, n_kv_heads, max_len, head_dim]."""
+    """One layer's keys and values for every slot so far: [B, max_len, n_kv_heads, head_dim]."""
 
     def __init__(self, max_len):
         self.max_len, self.n, self.k, self.v = max_len, 0, None, None
 
-    def update(self, k, v):  # append k, v [B, KV, T, hd]; return all filled slots
+    def update(self, k, v):  # append k, v [B, T, KV, hd]; return all filled slots
         if self.k is None:  # allocated on first use, in the dtype and device the layer computes in
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            shape = (k.shape[0], self.max_len, *k.shape[2:])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        end = self.n + k.shape[2]
-        self.k[:, :, self.n:end], self.v[:, :, self.n:end] = k, v
+        end = self.n + k.shape[1]
+        self.k[:, self.n:end], self.v[:, self.n:end] = k, v
         self.n = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :end], self.v[:, :end]
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):

@@ -313,7 +313,7 @@ def collate(run, tok, examples):
     batch = data.pack(examples, tok, pack_tokens=run.pack_tokens, **kw) if run.pack else \
         data.collate(examples, tok, **kw)
     return {k: to_device(v, run.device) if isinstance(v, torch.Tensor) else
-            tuple(to_device(x, run.device) for x in v) if k == "scored" else v for k, v in batch.items()}
+            tuple(to_device(x, run.device) for x in v) if k in ("scored", "to_padded") else v for k, v in batch.items()}
 
 
 def log_probs(model, batch):

@@ -9,7 +9,6 @@ import torch
 
 import data
 import lora
-import model
 import nca
 from conftest import tiny
 
@@ -25,12 +24,12 @@ def test_the_docstring_picture_by_hand():
     assert b["response"].tolist() == [[-1] * 4 + [0] * 3 + [1] * 2 + [-1] * 2 + [0] * 2 + [1]]
     assert b["loss_mask"].tolist() == [[False] * 4 + [True] * 5 + [False] * 2 + [True] * 3]
     assert b["source"][b["loss_mask"]].tolist() == [3, 4, 5, 3, 7, 10, 11, 10]
-    # collate's rows (S = 7 columns): [prompt; response k] as indices of the packed tokens, and back
-    assert b["to_padded"].tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 7, 8, 0],
-                                       [9, 10, 11, 12, 0, 0, 0], [9, 10, 13, 0, 0, 0, 0]]
-    assert b["to_packed"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 11, 12, 14, 15, 16, 17, 23]]
-    padded = b["tokens"].flatten()[b["to_padded"]]
-    assert padded.flatten()[b["to_packed"]].tolist() == b["tokens"].tolist()  # every token finds its slot again
+    # collate's rows [prompt; response k] as indices of the packed tokens, in two buckets (lengths 7, 6 | 4, 3)
+    assert [x.tolist() for x in b["to_padded"]] == [[[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 7, 8, 0]],
+                                                    [[9, 10, 11, 12], [9, 10, 13, 0]]]
+    assert b["to_packed"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 11, 12, 14, 15, 16, 17, 20]]
+    padded = torch.cat([b["tokens"].flatten()[rows].flatten() for rows in b["to_padded"]])
+    assert padded[b["to_packed"]].tolist() == b["tokens"].tolist()  # every token finds its slot again
 
 
 def test_groups_go_to_the_first_row_with_room_and_a_long_group_gets_its_own_row():
