@@ -932,9 +932,9 @@ def pack(examples, tok, *, pack_tokens=None, template="none", max_length=1024, m
 
 
 def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
-    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens (default: the longest
-    group's length, which no row can be shorter than), each holding whole prompt groups (a prompt, then its K
-    responses), right padded to the longest row L. Two prompts
+    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens (default: all in one row),
+    each holding whole prompt groups (a prompt, then its K responses), right padded to the longest row L. A
+    row's length costs nothing in attention (below), so by default nothing is padded. Two prompts
     (b = 0: P P P P with responses x, y; b = 1: Q Q with u, v) in one row:
 
         tokens     P0 P1 P2 P3 | x0 x1 x2 | y0 y1 | Q0 Q1 | u0 u1 | v0 | pad
@@ -964,7 +964,7 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
     (a response never leaves its prompt's row)."""
     rows = []  # per row: [((b, prompt ids, responses), tokens)]
-    pack_tokens = pack_tokens or max(len(p) + sum(map(len, responses)) for p, responses in groups)
+    pack_tokens = pack_tokens or sum(len(p) + sum(map(len, responses)) for p, responses in groups)
     for b, (p, responses) in enumerate(groups):
         n = len(p) + sum(map(len, responses))
         row = next((row for row in rows if sum(m for _, m in row) + n <= pack_tokens), None)
