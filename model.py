@@ -148,8 +148,9 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if pack is not None:  # packed rows (data.packed_batch): each response attends in its own row
-            buckets, to_packed = pack  # [(to_padded [N, S], its mask)], to_packed [B, T]
+        if pack is not None:  # packed rows (data.packed_batch): attention runs in collate's rows [prompt; response],
+            # gathered out of the packed tokens one length bucket at a time, and each token's output is put back
+            buckets, to_packed = pack  # [(to_padded [N, S], its mask or None)], [B, T]: flat indices
             q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [B*T, H, hd]
             y = torch.cat([attend(q[rows], k[rows], v[rows], m).flatten(0, 1) for rows, m in buckets])  # [sum N*S, H, hd]
             return self.wo(y[to_packed].view(B, T, -1))
