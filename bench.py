@@ -227,6 +227,7 @@ TRAIN_VARIANTS = {
     "plain, frozen copy": "a plain loop: full [B*K, T, V] logits, log_softmax, gather; reference = frozen copy",
     "plain, precomputed": "the same loop, reference log-probs read from a precomputed cache",
     "train.py": "nca.batch_logps (one forward, nca's fused log-prob) + precomputed reference",
+    "train.py, packed": "the same, each prompt once for its K responses (data.packed_batch, nca.packed_logps)",
 }
 
 
@@ -237,6 +238,7 @@ def train_variant(variant, vocab, steps, threads):
     import json
     import resource
 
+    import data
     import nca
     from model import ModelArgs, Transformer
     torch.set_num_threads(threads)
@@ -250,6 +252,8 @@ def train_variant(variant, vocab, steps, threads):
     mask[:, P:] = True  # the response tokens are scored
     rewards = torch.tensor([[1.0, 0.0]] * B)  # [B, K]
     cached_ref = torch.randn(B, K) - 400  # what a precomputed cache hands over: a lookup
+    packed = {**data.packed_batch([(tokens[b * K, :P].tolist(), [r[P:].tolist() for r in tokens[b * K:b * K + K]])
+                                   for b in range(B)], pad_id=0), "rewards": rewards}
 
     def plain_logps(m):  # the readable reference: full [B*K, T-1, V] logits
         return nca.sequence_logps_reference(m.hidden(tokens[:, :-1]), m.output.weight, tokens[:, 1:],
@@ -261,6 +265,8 @@ def train_variant(variant, vocab, steps, threads):
         t0 = time.perf_counter()
         if variant == "train.py":
             logps, ref = nca.batch_logps(model, tokens, mask).view(B, K), cached_ref
+        elif variant == "train.py, packed":
+            logps, ref = nca.packed_logps(model, packed), cached_ref
         else:
             logps = plain_logps(model)
             if ref_model is None:
@@ -309,6 +315,8 @@ def pack_variant(shape, path, steps, threads, pack_tokens, device):
     import json
     import resource
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     import data
     import nca
     from model import ModelArgs, Transformer
@@ -318,27 +326,35 @@ def pack_variant(shape, path, steps, threads, pack_tokens, device):
     model = Transformer(ModelArgs(**PACK_SHAPES[shape], max_seq_len=PACK_MAX)).to(device)
     gen = torch.Generator().manual_seed(0)
     rewards = torch.arange(PACK_K, dtype=torch.float32, device=device).expand(PACK_B, PACK_K)  # [B, K]
-    times, counted, computed = [], [], []
-    for _ in range(steps + 1):
-        groups = ultrafeedback_groups(gen, model.args.vocab_size)
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step(groups):  # -> the tokens the transformer ran over
         if path == "padded":
             b = data.padded_batch(groups, pad_id=0)
             logps = nca.batch_logps(model, b["tokens"].to(device), tuple(x.to(device) for x in b["scored"]))
             logps = logps.view(PACK_B, PACK_K)
         else:
-            b = {k: v.to(device) if k != "scored" else tuple(x.to(device) for x in v)
+            b = {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
                  for k, v in data.packed_batch(groups, pad_id=0, pack_tokens=pack_tokens).items()}
             b["rewards"] = rewards
             logps = nca.packed_logps(model, b)
         nca.nca_loss(logps, logps.detach() - 1, rewards, alpha=1.0, beta=0.1).mean().backward()
         model.zero_grad(set_to_none=True)
+        return b["tokens"].numel()
+
+    batches = [ultrafeedback_groups(gen, model.args.vocab_size) for _ in range(steps + 1)]  # the first warms up
+    times, computed = [], []
+    for groups in batches:
+        sync(device)
+        t0 = time.perf_counter()
+        computed.append(step(groups))
         sync(device)
         times.append(time.perf_counter() - t0)
-        counted.append(sum(len(p) + sum(map(len, rs)) for p, rs in groups))
-        computed.append(b["tokens"].numel())
+    with FlopCounterMode(display=False) as flops:  # again, untimed: counting dispatches every op through Python
+        for groups in batches[1:]:
+            step(groups)
+    counted = [sum(len(p) + sum(map(len, rs)) for p, rs in groups) for groups in batches]
     print(json.dumps({"tokens_per_s": sum(counted[1:]) / sum(times[1:]), "computed_x": sum(computed) / sum(counted),
+                      "gflop": flops.get_total_flops() / 1e9 / steps,
                       "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -348,12 +364,14 @@ def bench_pack(args):
     import subprocess
     print(f"forward + backward (NCA loss), {PACK_B} prompts x K = {PACK_K} per micro-batch, UltraFeedback-like "
           f"lengths (bench.py: PACK_SHAPES), float32 on {args.device} ({args.threads} CPU threads), pack_tokens "
-          f"{args.pack_tokens}, attention of packed rows: " + ("FlexAttention" if args.device == "cuda" else
-                                                               "SDPA with a dense bool mask") + "; "
+          f"{args.pack_tokens}; "
           f"each path in a fresh process, {args.steps} seeded micro-batches after one warm-up, best of {args.rounds} "
           f"interleaved rounds. tokens/s counts each prompt token once plus each response token; 'computed' is "
-          f"the tokens the transformer runs over, per counted token; peak MB: RSS on CPU, allocated on CUDA")
-    print(f"{'shape':>5} {'path':7s} {'tokens/s':>9} {'computed':>9} {'peak MB':>8} {'speed x':>8} {'mem x':>6}")
+          f"the tokens the transformer runs over, per counted token; GFLOP: matmul FLOPs per micro-batch (torch's "
+          f"FlopCounterMode; it counts no CPU attention kernel), whose ratio is the speed-up if matmuls were all; "
+          f"peak MB: RSS on CPU, allocated on CUDA")
+    print(f"{'shape':>5} {'path':7s} {'tokens/s':>9} {'computed':>9} {'GFLOP':>7} {'flop x':>7} {'peak MB':>8} "
+          f"{'speed x':>8} {'mem x':>6}")
     for shape in args.shapes:
         rows = {}
         for _ in range(args.rounds):
@@ -367,14 +385,15 @@ def bench_pack(args):
                 if path not in rows or r["tokens_per_s"] > rows[path]["tokens_per_s"]:
                     rows[path] = r
         for path, r in rows.items():
-            print(f"{shape:>5} {path:7s} {r['tokens_per_s']:>9.0f} {r['computed_x']:>9.2f} {r['peak_mb']:>8.0f} "
+            print(f"{shape:>5} {path:7s} {r['tokens_per_s']:>9.0f} {r['computed_x']:>9.2f} {r['gflop']:>7.1f} "
+                  f"{rows['padded']['gflop'] / r['gflop']:>7.2f} {r['peak_mb']:>8.0f} "
                   f"{r['tokens_per_s'] / rows['padded']['tokens_per_s']:>8.2f} "
                   f"{r['peak_mb'] / rows['padded']['peak_mb']:>6.2f}")
 
 
 def bench_train(argv):
     """python bench.py train [--vocab 32000 128256] [--steps 2] [--rounds 2] [--threads 2];
-    python bench.py train --lengths ultrafeedback [--shapes tiny wide] [--pack-tokens 2048]: padded vs packed"""
+    python bench.py train --lengths ultrafeedback [--shapes tiny wide] [--pack-tokens N]: padded vs packed"""
     import json
     import subprocess
     p = argparse.ArgumentParser(prog="bench.py train", description=bench_train.__doc__)
@@ -385,7 +404,8 @@ def bench_train(argv):
     p.add_argument("--lengths", choices=["fixed", "ultrafeedback"], default="fixed",
                    help="fixed: the training step below; ultrafeedback: padded vs packed batches (see PACK_SHAPES)")
     p.add_argument("--shapes", nargs="+", choices=sorted(PACK_SHAPES), default=["tiny", "wide"])
-    p.add_argument("--pack-tokens", type=int, default=PACK_B * PACK_MAX, help="packed row budget (data.packed_batch)")
+    p.add_argument("--pack-tokens", type=int, default=0, help="packed row budget (data.packed_batch); 0: train.py's "
+                                                                "default, the micro-batch in one row")
     p.add_argument("--device", default="cpu", help="--lengths ultrafeedback: cpu or cuda")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)

@@ -932,9 +932,9 @@ def pack(examples, tok, *, pack_tokens=None, template="none", max_length=1024, m
 
 
 def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
-    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens (default: the longest
-    group's length, which no row can be shorter than), each holding whole prompt groups (a prompt, then its K
-    responses), right padded to the longest row L. Two prompts
+    """[(prompt ids, [K response ids])] * B -> R rows of at most pack_tokens tokens (default: all in one row),
+    each holding whole prompt groups (a prompt, then its K responses), right padded to the longest row L. A
+    row's length costs nothing in attention (below), so by default nothing is padded. Two prompts
     (b = 0: P P P P with responses x, y; b = 1: Q Q with u, v) in one row:
 
         tokens     P0 P1 P2 P3 | x0 x1 x2 | y0 y1 | Q0 Q1 | u0 u1 | v0 | pad
@@ -943,17 +943,28 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
         response   -1 -1 -1 -1 |  0  0  0 |  1  1 | -1 -1 |  0  0 |  1 |  -1
         source                 |  3  4  5 |  3  7 |       | 10 11 | 10 |
 
-    pos restarts after the prompt for every response, so with model.packed_mask (a response sees its
-    prompt and its own earlier tokens) response k of prompt b gets exactly the logits it gets alone in
-    collate's row. Returns tokens, pos, prompt, response [R, L] (prompt: b, -1 on padding; response: k,
-    -1 on prompt tokens and padding), loss_mask [R, L] (the responses' tokens, as collate's), scored
-    (loss_mask's True positions, rows and columns [M], row by row as nonzero gives them) and source
-    [R, L]: for a scored token, the column whose hidden state predicts it: the one before it, or the
-    prompt's last token for a response's first token (the same prediction collate's row makes).
+    Only attention needs to see a response beside its prompt, so it runs in collate's rows [prompt; response k],
+    gathered from the packed tokens and back (model.Attention). Padding those rows to the longest would cost
+    up to its length squared for every row, so rows are sorted by length and cut into buckets, one attention
+    call each, of rows at least 3/4 as long as the bucket's first (the picture's: lengths 7, 6 | 4, 3):
+
+        to_padded  [P0 P1 P2 P3 x0 x1 x2]     [Q0 Q1 u0 u1]    each a row's tokens as flat indices into the
+                   [P0 P1 P2 P3 y0 y1 . ]     [Q0 Q1 v0 . ]    packed [R * L] tokens; . is padding
+        to_packed  each packed token's slot in the buckets' outputs, flattened and concatenated (a prompt
+                   token: its slot in its first response's row)
+
+    pos restarts after the prompt for every response, so response k of prompt b gets exactly the logits it
+    gets alone in collate's row, and everything but attention runs once per packed token. Returns tokens,
+    pos, prompt, response [R, L] (prompt: b, -1 on padding; response: k, -1 on prompt tokens and padding),
+    loss_mask [R, L] (the responses' tokens, as collate's), scored (loss_mask's True positions, rows and
+    columns [M], row by row as nonzero gives them), source [R, L]: for a scored token, the column whose
+    hidden state predicts it (the one before it, or the prompt's last token for a response's first token,
+    as collate's row predicts it), to_padded (a tuple of [N_i, S_i]) and to_packed [R, L]. Padding points at
+    index 0: right padding comes after every real token of its row, where causal attention does not look.
     Groups go to the first row they fit in, in order; a group longer than pack_tokens gets a row of its own
     (a response never leaves its prompt's row)."""
     rows = []  # per row: [((b, prompt ids, responses), tokens)]
-    pack_tokens = pack_tokens or max(len(p) + sum(map(len, responses)) for p, responses in groups)
+    pack_tokens = pack_tokens or sum(len(p) + sum(map(len, responses)) for p, responses in groups)
     for b, (p, responses) in enumerate(groups):
         n = len(p) + sum(map(len, responses))
         row = next((row for row in rows if sum(m for _, m in row) + n <= pack_tokens), None)
@@ -961,19 +972,34 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
             rows.append(row := [])
         row.append(((b, p, responses), n))
     L = max(sum(n for _, n in row) for row in rows)
+    K = len(groups[0][1])
+    length = [len(p) + len(r) for p, responses in groups for r in responses]  # of row n = b * K + k
+    buckets = []  # [[n, ...]]: the longest row first
+    for n in sorted(range(len(length)), key=lambda n: -length[n]):
+        if not buckets or 4 * length[n] < 3 * length[buckets[-1][0]]:
+            buckets.append([])
+        buckets[-1].append(n)
+    to_padded = [[[0] * length[bucket[0]] for _ in bucket] for bucket in buckets]
+    slot, start = {}, 0  # n: (its to_padded row, the flat index of its first slot in the outputs)
+    for i, bucket in enumerate(buckets):
+        for j, n in enumerate(bucket):
+            slot[n] = to_padded[i][j], start + j * length[bucket[0]]
+        start += len(bucket) * length[bucket[0]]
     # built as lists, one tensor per field at the end: slicing into tensors costs ~10 small ops per response
-    fields = {"tokens": pad_id, "pos": 0, "prompt": -1, "response": -1, "source": 0}  # name: its padding value
+    fields = {"tokens": pad_id, "pos": 0, "prompt": -1, "response": -1, "source": 0, "to_packed": 0}  # name: padding
     out = {name: [] for name in fields}  # name: [R lists of L]
     scored = ([], [])  # from the lengths, as padded_batch's: nonzero on a GPU would make the host wait
     for i, row in enumerate(rows):
-        tokens, pos, prompt, response, source = [], [], [], [], []
+        tokens, pos, prompt, response, source, to_packed = [], [], [], [], [], []
         for (b, p, responses), _ in row:
-            last = len(tokens) + len(p) - 1  # the prompt's last column predicts every response's first token
+            first = len(tokens)  # the prompt's first column
+            last = first + len(p) - 1  # the prompt's last column predicts every response's first token
             tokens += p
             pos += range(len(p))
             prompt += [b] * len(p)
             response += [-1] * len(p)
             source += [0] * len(p)
+            to_packed += range(slot[b * K][1], slot[b * K][1] + len(p))
             for k, r in enumerate(responses):
                 t = len(tokens)
                 scored[0].extend([i] * len(r))
@@ -983,10 +1009,15 @@ def packed_batch(groups, pad_id, pack_tokens=None) -> dict:
                 prompt += [b] * len(r)
                 response += [k] * len(r)
                 source += [last, *range(t, t + len(r) - 1)]
-        for name, values in zip(fields, (tokens, pos, prompt, response, source)):
+                padded, s0 = slot[b * K + k]
+                to_packed += range(s0 + len(p), s0 + len(p) + len(r))
+                padded[:len(p) + len(r)] = [*range(i * L + first, i * L + first + len(p)),
+                                            *range(i * L + t, i * L + t + len(r))]
+        for name, values in zip(fields, (tokens, pos, prompt, response, source, to_packed)):
             out[name].append(values + [fields[name]] * (L - len(values)))
     batch = {name: torch.tensor(values, dtype=torch.long) for name, values in out.items()}  # [R, L] each
-    return {**batch, "loss_mask": batch["response"] >= 0,
+    return {**batch, "to_padded": tuple(torch.tensor(x, dtype=torch.long) for x in to_padded),
+            "loss_mask": batch["response"] >= 0,
             "scored": tuple(torch.tensor(x, dtype=torch.long) for x in scored)}
 
 

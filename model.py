@@ -7,7 +7,6 @@ Parameter names are Meta's, so they ARE the state-dict keys of the original chec
 (`layers.0.attention.wq.weight`); the Hugging Face names are mapped in `_hf_name`.
 """
 import copy
-import functools
 import json
 import math
 import mmap
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -135,34 +133,6 @@ def attention_mask(q_slot, k_slot, window=None, keep=None):
     return m
 
 
-def packed_mask(prompt, response, pos, window=None, flex=None):
-    """Attention of packed rows (data.packed_batch): query q sees key k of its row iff k <= q, both belong
-    to the same prompt, and k is a prompt token or a token of q's own response. So a prompt token sees
-    its prompt causally, a token of response j its prompt and the earlier tokens of response j, exactly
-    as in its own padded row; padding (prompt -1) sees only padding. With a sliding window, also
-    pos[q] - pos[k] < window: the distance the two tokens have in the padded row.
-    prompt, response, pos [R, L] -> a bool mask [R, 1, L, L] for SDPA on CPU (FlexAttention has no CPU
-    backward in torch 2.13), a FlexAttention BlockMask on CUDA (its kernel skips the masked-out blocks);
-    flex=True/False picks one on any device."""
-    def rule(b, h, q, k):  # index tensors (broadcast, or scalars under FlexAttention's vmap) -> bool
-        m = (k <= q) & (prompt[b, k] == prompt[b, q]) & ((response[b, k] < 0) | (response[b, k] == response[b, q]))
-        return m if window is None else m & (pos[b, q] - pos[b, k] < window)
-    R, L = prompt.shape
-    if prompt.device.type == "cuda" if flex is None else flex:
-        return create_block_mask(rule, R, None, L, L, device=prompt.device)
-    b, i = torch.arange(R, device=prompt.device), torch.arange(L, device=prompt.device)
-    return rule(b[:, None, None, None], None, i[:, None], i[None, :])  # [R, 1, L, L]
-
-
-@functools.cache
-def _flex_attention():
-    """FlexAttention compiled (on first use: torch.compile costs seconds even to set up). Compiled it is one
-    fused kernel; eager it would materialise the [T, T] scores (torch warns). A second row length
-    recompiles it for dynamic shapes, once; on CPU torch 2.13's inductor then writes C++ that does not
-    compile (seen here), one more reason CPU takes SDPA. On CUDA (Triton) not yet run."""
-    return torch.compile(flex_attention)
-
-
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -173,21 +143,29 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x [B, T, d]
+    def forward(self, x, cos, sin, mask, cache=None, pack=None):  # x [B, T, d]
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        if pack is not None:  # packed rows (data.packed_batch): attention runs in collate's rows [prompt; response],
+            # gathered out of the packed tokens one length bucket at a time, and each token's output is put back
+            buckets, to_packed = pack  # [(to_padded [N, S], its mask or None)], [B, T]: flat indices
+            q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # [B*T, H, hd]
+            y = torch.cat([attend(q[rows], k[rows], v[rows], m).flatten(0, 1) for rows, m in buckets])  # [sum N*S, H, hd]
+            return self.wo(y[to_packed].view(B, T, -1))
         if cache is not None:
-            k, v = cache.update(k, v)  # [B, KV, S, hd]: every slot filled so far
-        # mask None = plain causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each
-        # K/V head among n_heads // n_kv_heads query heads without materialising the repeats.
-        if isinstance(mask, BlockMask):  # packed rows on CUDA (packed_mask)
-            y = _flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.update(k, v)  # [B, S, KV, hd]: every slot filled so far
+        return self.wo(attend(q, k, v, mask).reshape(B, T, -1))
+
+
+def attend(q, k, v, mask):
+    """SDPA on [B, T, H, hd] queries and [B, S, KV, hd] keys and values -> [B, T, H, hd]. mask None = plain
+    causal, which lets SDPA pick its flash kernel on GPU; enable_gqa shares each K/V head among
+    n_heads // n_kv_heads query heads without materialising the repeats."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=True)
+    return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -209,8 +187,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, pack=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pack)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -240,27 +218,33 @@ class Transformer(nn.Module):
             # load_state_dict(assign=True) puts in new Parameter objects: tie them again after every load
             self.register_load_state_dict_post_hook(lambda m, _: setattr(m.output, "weight", m.tok_embeddings.weight))
 
-    def hidden(self, tokens, pos=None, mask=None, cache=None):
+    def hidden(self, tokens, pos=None, mask=None, cache=None, pack=None):
         """tokens [B, T] -> final-normed hidden states [B, T, d]. Training needs only tokens: attention is
         causal, so right padding cannot reach real positions. generate() also passes RoPE positions
-        pos [B, T], a mask from attention_mask() and one KVCache per layer; packed rows (nca.packed_logps)
-        pass pos and a mask from packed_mask(), which already holds the sliding window."""
+        pos [B, T], a mask from attention_mask() and one KVCache per layer. Packed rows (nca.packed_logps)
+        pass pos and pack = (to_padded, to_packed) from data.packed_batch: attention then runs in collate's
+        rows [prompt; response], every other layer once per packed token."""
         T = tokens.shape[1]
-        slots = torch.arange(T, device=tokens.device)
         if cache is not None and mask is None:  # SDPA's is_causal aligns queries to the first keys, not the last
             raise ValueError("Transformer.hidden: with a cache, pass the mask (model.attention_mask), as generate() does")
         if pos is None:
-            pos = slots[None]
+            pos = torch.arange(T, device=tokens.device)[None]
         window = self.args.sliding_window
-        if mask is None and window is not None and T > window:
-            mask = attention_mask(slots, slots, window)
+
+        def causal(S):  # None: plain causal attention over S slots; past the sliding window, a [S, S] mask
+            slots = torch.arange(S, device=tokens.device)
+            return None if window is None or S <= window else attention_mask(slots, slots, window)
+        if pack is not None:
+            pack = [(rows, causal(rows.shape[1])) for rows in pack[0]], pack[1]
+        elif mask is None:
+            mask = causal(T)
         cos, sin = rope(pos, self.layers[0].attention.head_dim, self.args.rope_theta, self.args.rope_scaling)
         x = self.tok_embeddings(tokens)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, pack, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, None if cache is None else cache[i])
+                x = layer(x, cos, sin, mask, None if cache is None else cache[i], pack)
         return self.norm(x)
 
     def forward(self, tokens):
@@ -270,19 +254,19 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- generation
 
 class KVCache:
-    """One layer's keys and values for every slot so far: [B, n_kv_heads, max_len, head_dim]."""
+    """One layer's keys and values for every slot so far: [B, max_len, n_kv_heads, head_dim]."""
 
     def __init__(self, max_len):
         self.max_len, self.n, self.k, self.v = max_len, 0, None, None
 
-    def update(self, k, v):  # append k, v [B, KV, T, hd]; return all filled slots
+    def update(self, k, v):  # append k, v [B, T, KV, hd]; return all filled slots
         if self.k is None:  # allocated on first use, in the dtype and device the layer computes in
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            shape = (k.shape[0], self.max_len, *k.shape[2:])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        end = self.n + k.shape[2]
-        self.k[:, :, self.n:end], self.v[:, :, self.n:end] = k, v
+        end = self.n + k.shape[1]
+        self.k[:, self.n:end], self.v[:, self.n:end] = k, v
         self.n = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :end], self.v[:, :end]
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):

@@ -36,8 +36,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import packed_mask
-
 
 def check_alpha_beta(alpha, beta):
     """Raise ValueError unless alpha (reward temperature) is finite and >= 0 and beta is finite and > 0."""
@@ -363,9 +361,9 @@ def packed_logps(model, batch):
     """log pi(y|x) [B, K] of a packed batch (data.pack): each prompt computed once for its K responses, the
     same values as batch_logps on collate's batch. A packed row holds several responses, so each scored
     token's log-prob is summed into its own slot b * K + k, read off the row's prompt and response ids."""
-    tokens, prompt, response, pos = batch["tokens"], batch["prompt"], batch["response"], batch["pos"]
+    tokens, prompt, response = batch["tokens"], batch["prompt"], batch["response"]
     B, K = batch["rewards"].shape
-    h = model.hidden(tokens, pos=pos, mask=packed_mask(prompt, response, pos, model.args.sliding_window))  # [R, L, d]
+    h = model.hidden(tokens, pos=batch["pos"], pack=(batch["to_padded"], batch["to_packed"]))  # [R, L, d]
     row, col = batch["scored"]  # [M]: the scored tokens (from the lengths: loss_mask.nonzero() would sync)
     h_m = h[row, batch["source"][row, col]]  # [M, d]: the hidden state that predicts each
     slot = prompt[row, col] * K + response[row, col]  # [M]

@@ -86,7 +86,7 @@ def parse_args(argv):
     a("--max-length", type=int, default=1024, help="prompt + response tokens (longer responses are cut)")
     a("--max-prompt-length", type=int, default=512, help="prompt tokens kept (the end of the prompt)")
     a("--pack-tokens", type=int, help="packed rows of at most this many tokens, each prompt once followed by its "
-                                      "K responses (data.pack); default: the micro-batch's longest prompt group "
+                                      "K responses (data.pack); default: the whole micro-batch in one row "
                                       "(see README: Packed batches)")
     a("--no-pack", action="store_true", help="one row per response, its prompt repeated, right padded "
                                              "(data.collate): the readable reference the packed path equals")
@@ -168,7 +168,7 @@ class Run:
     max_length: int
     max_prompt_length: int
     pack: bool                  # packed rows (data.pack); False: --no-pack, one padded row per response
-    pack_tokens: int | None     # the packed rows' budget; None: each micro-batch's longest prompt group
+    pack_tokens: int | None     # the packed rows' budget; None: a micro-batch is one row
     lora_rank: int              # 0 = full fine-tuning
     lora_alpha: float
     lora_dropout: float
@@ -313,7 +313,7 @@ def collate(run, tok, examples):
     batch = data.pack(examples, tok, pack_tokens=run.pack_tokens, **kw) if run.pack else \
         data.collate(examples, tok, **kw)
     return {k: to_device(v, run.device) if isinstance(v, torch.Tensor) else
-            tuple(to_device(x, run.device) for x in v) if k == "scored" else v for k, v in batch.items()}
+            tuple(to_device(x, run.device) for x in v) if k in ("scored", "to_padded") else v for k, v in batch.items()}
 
 
 def log_probs(model, batch):

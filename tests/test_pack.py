@@ -1,4 +1,4 @@
-"""Packed batches (data.pack, model.packed_mask, nca.packed_logps) against the padded path (data.collate,
+"""Packed batches (data.pack, model.Attention on packed rows, nca.packed_logps) against the padded path (data.collate,
 nca.batch_logps), the readable reference: same ids, and the same log-probs and parameter gradients.
 
 Golden values: the layout of data.packed_batch's docstring picture, written out by hand; for the
@@ -9,7 +9,6 @@ import torch
 
 import data
 import lora
-import model
 import nca
 from conftest import tiny
 
@@ -25,6 +24,12 @@ def test_the_docstring_picture_by_hand():
     assert b["response"].tolist() == [[-1] * 4 + [0] * 3 + [1] * 2 + [-1] * 2 + [0] * 2 + [1]]
     assert b["loss_mask"].tolist() == [[False] * 4 + [True] * 5 + [False] * 2 + [True] * 3]
     assert b["source"][b["loss_mask"]].tolist() == [3, 4, 5, 3, 7, 10, 11, 10]
+    # collate's rows [prompt; response k] as indices of the packed tokens, in two buckets (lengths 7, 6 | 4, 3)
+    assert [x.tolist() for x in b["to_padded"]] == [[[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 7, 8, 0]],
+                                                    [[9, 10, 11, 12], [9, 10, 13, 0]]]
+    assert b["to_packed"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 11, 12, 14, 15, 16, 17, 20]]
+    padded = torch.cat([b["tokens"].flatten()[rows].flatten() for rows in b["to_padded"]])
+    assert padded[b["to_packed"]].tolist() == b["tokens"].tolist()  # every token finds its slot again
 
 
 def test_groups_go_to_the_first_row_with_room_and_a_long_group_gets_its_own_row():
@@ -125,18 +130,7 @@ def test_with_lora_adapters_on_and_off():
     assert not torch.allclose(packed[0], on[1][0], rtol=1e-3)  # the adapters did change the log-probs
 
 
-@pytest.mark.slow
-def test_flexattention_block_mask_gives_the_dense_masks_values():
-    # the kernel packed rows use on CUDA, run here forward only (FlexAttention has no CPU backward; compiling ~30 s)
-    m, b = tiny(sliding_window=6), data.pack(examples(4), TOK, pack_tokens=100, **KW)
-    with torch.no_grad():
-        h = {flex: m.hidden(b["tokens"], pos=b["pos"], mask=model.packed_mask(b["prompt"], b["response"], b["pos"], 6,
-                                                                               flex=flex)) for flex in (False, True)}
-    real = b["prompt"] >= 0
-    torch.testing.assert_close(h[True][real], h[False][real], rtol=1e-5, atol=1e-5)
-
-
-def test_by_default_rows_are_no_longer_than_the_longest_group():
+def test_by_default_the_batch_is_one_row():
     groups = [([1] * 4, [[2] * 3, [3] * 2]), ([4] * 2, [[5] * 2, [6]]), ([7], [[8], [9]])]  # lengths 9, 5, 3
     b = data.packed_batch(groups, pad_id=0)
-    assert [sorted(set(r.tolist()) - {-1}) for r in b["prompt"]] == [[0], [1, 2]] and b["tokens"].shape == (2, 9)
+    assert b["tokens"].shape == (1, 17) and not (b["prompt"] < 0).any()

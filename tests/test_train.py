@@ -277,8 +277,8 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
                                          (["--loss", "nca", "--ref", "copy"], ["--pack-tokens", "40"])])
 def test_packed_and_padded_runs_give_the_same_losses(tmp_path, extra, pack):
     # K = 4, prompts of 5 tokens, responses of 2 to 8 (a group ~16 tokens): the padded run computes each prompt 4
-    # times and pads to the longest row; by default (rows up to the longest group) most prompts get a row of their
-    # own, with --pack-tokens 40 two share a row, with 96 a step's 4 share one. Golden: --no-pack, the readable path: each response its own row,
+    # times and pads to the longest row; by default a step's 4 prompts share one row, with --pack-tokens 40 two
+    # share a row, with 96 three or four. Golden: --no-pack, the readable path: each response its own row,
     # plain causal attention
     _, packed = run(tmp_path, "--steps", "3", "--no-export", *extra, *pack, out="packed")
     _, padded = run(tmp_path, "--steps", "3", "--no-export", *extra, "--no-pack", out="padded")
