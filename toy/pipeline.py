@@ -125,11 +125,9 @@ def _resume(run):
 def _train(cfg, argv, log):
     """`python train.py ARGV` with its per-step lines sent to a log file: the pipeline prints one line per
     stage. A process of its own, on cfg.threads threads (OMP_NUM_THREADS sets torch's intra-op threads) and
-    cfg.cpu_capability's kernels.
-    --no-pack: README's tables were made on the padded path; packed rows give the same log-probs to float32
-    rounding, which over a few hundred steps moves a run as a new seed would."""
+    cfg.cpu_capability's kernels."""
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv, "--no-pack"], stdout=f,
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=f,
                               stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(cfg.threads),
                                    "ATEN_CPU_CAPABILITY": cfg.cpu_capability})
