@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -157,3 +158,32 @@ def test_sequence_logps_match_a_full_softmax_by_hand():
         logp = torch.log_softmax(mu(torch.tensor([p + r])).double(), -1)[0]  # [T, V]
         want = sum(logp[len(p) - 1 + t, tok] for t, tok in enumerate(r))
         assert got[i].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_off_policy_reward_data_come_from_the_stated_demonstrators(tmp_path):
+    # no slips, one operation: each response is right unless its demonstrator dropped the prompt's carry
+    cfg = dataclasses.replace(pipeline.Config(), out=str(tmp_path), responses="others", p_error=0.0, n_ops=1,
+                              max_operand=99, n_prompts=2000)
+    path = pipeline.stage_sample(cfg, None, data.load_tokenizer("byte"), 0, 0)  # mu=None: nothing is sampled from mu
+    rows = data.read_jsonl(path)
+    assert len(rows) == 2000 and all(r["rewards"] == [arith.reward(r["prompt"], y) for y in r["responses"]] for r in rows)
+    for r in rows:
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)=", r["prompt"]).groups()
+        dropped = f"{a}{op}{b}={int(a) + int(b) - 10 if op == '+' else int(a) - int(b) + 10}"
+        has = (int(a) % 10 + int(b) % 10 >= 10) if op == "+" else int(a) % 10 < int(b) % 10  # by hand, not arith.carries
+        assert r["responses"][0] == arith.solve(r["prompt"])  # p_carry 0: always right
+        assert r["responses"][3] == (f"{dropped};#{dropped.split('=')[1]}" if has else arith.solve(r["prompt"]))
+    # p_carry 0.5 and 0.75 drop the carry at their rates where there is one, and are right where there is none
+    carry = [r["responses"][3] != r["responses"][0] for r in rows]
+    for i, p_carry in ((1, 0.5), (2, 0.75)):
+        wrong = [r["responses"][i] != r["responses"][0] for r in rows]
+        assert not any(w and not c for w, c in zip(wrong, carry))
+        share = sum(wrong) / sum(carry)
+        assert sum(carry) > 700 and abs(share - p_carry) < 0.06, (i, share)  # binomial sd <= 0.019
+    # another source of responses is another file and every later stage reruns; SFT's model is kept
+    mu = dataclasses.replace(cfg, responses="mu")
+    assert pipeline._key(cfg, *pipeline.SFT) == pipeline._key(mu, *pipeline.SFT)
+    for stage in (pipeline.SAMPLE, pipeline.ALIGN):
+        assert pipeline._key(cfg, *stage) != pipeline._key(mu, *stage)
+    with pytest.raises(ValueError, match="responses 'others' with K = 3: expected 'mu', or 'others' with K = 4"):
+        pipeline.run(dataclasses.replace(cfg, K=3))

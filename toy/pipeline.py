@@ -7,11 +7,13 @@
 
 The task is toy/arith.py: chains of additions with a worked answer ("7+15-3=" -> "7+15=22;22-3=19;#19")
 and an exact reward (1 for the right answer, partial credit per correct step). The demonstrations
-drop a carry more often than not, a habit SFT learns and only the reward can unlearn. As in the paper
-(Sec. 5, UltraInteract / UltraFeedback), the reward data are K responses per prompt sampled from the
-SFT policy mu and scored, and every alignment method trains from mu on the same file:
+drop a carry more often than not, a habit SFT learns and only the reward can unlearn. The reward data
+are K responses per prompt sampled from the SFT policy mu (on-policy) and scored, and every alignment
+method trains from mu on the same file. The paper's are not on-policy: UltraFeedback's K = 4 responses
+per prompt come from 4 other models, none of them the SFT model (Sec. 5); Config.responses = "others"
+builds such a file from 4 other demonstrators of the task (OTHERS), and README reports what it changes.
     stage 1  SFT a tiny model on the demonstrations, in segments: its learning curve   train.py --loss sft
-    stage 2  K samples per train prompt from mu (KV-cache generate), scored -> reward JSON Lines
+    stage 2  K responses per train prompt, sampled from mu (KV-cache generate), scored -> reward JSON Lines
     stage 3  DPO (best vs random), DPO x3, DPO on all pairs, InfoNCA, NCA, pairwise NCA, one budget
     stage 4  held-out greedy accuracy and reward, chosen log-ratio log pi - log mu, KL(pi || mu)
 Everything goes to --out (default out/pipeline, ignored by git); each stage's result is kept under a
@@ -72,7 +74,10 @@ class Config:
     n_prompts: int = 1024  # stage 2: train prompts that get K samples each: one epoch of stage 3 (steps x batch)
     n_test: int = 512  # held-out prompts for stage 4 (and the SFT curve): one prompt is 0.2 points
     K: int = 4
-    temperature: float = 1.0
+    # where the K responses per prompt come from: "mu" samples them from the SFT model (on-policy), "others"
+    # takes one from each of the K policies in OTHERS (off-policy, as UltraFeedback's come from other models)
+    responses: str = "mu"
+    temperature: float = 1.0  # sampling from mu (reward data, held-out KL)
     # the model: a decoder from model.py, byte tokenizer
     dim: int = 64
     n_layers: int = 2
@@ -113,7 +118,7 @@ def _key(cfg, *fields, extra=()):
 TASK = ("n_ops", "max_operand")
 SFT = TASK + ("threads", "cpu_capability", "p_error", "p_carry", "n_demos", "dim", "n_layers", "n_heads", "hidden_dim", "sft_steps",
               "sft_segments", "sft_batch", "sft_lr", "n_test")
-SAMPLE = SFT + ("n_prompts", "K", "temperature")
+SAMPLE = SFT + ("n_prompts", "K", "responses", "temperature")
 ALIGN = SAMPLE + ("steps", "batch", "lr", "beta", "alpha", "lora_rank")
 
 
@@ -182,6 +187,13 @@ def stage_sft(cfg, seed, tok, test):
 
 # ----------------------------------------------------------------------------- stage 2: sample K, score
 
+# The other policies of responses="others", one response each: the task's demonstrator with its random slips
+# (p_error) and the carry habit at four strengths, from one that never drops a carry (0) through mu's own
+# teacher (0.75) to one that drops every carry (1). UltraFeedback's K = 4 responses per prompt likewise come from 4 other
+# models of mixed quality, none of them the SFT model being aligned (Cui et al. 2023; Chen et al. 2024, Sec. 5).
+OTHERS = (0.0, 0.5, 0.75, 1.0)  # p_carry of each; fixed before any run, not tuned
+
+
 def sample(model, tok, prompts, n, *, temperature, seed):
     """n responses per prompt as token ids (EOS included if produced): [len(prompts)][n]."""
     ids = data.prompt_ids(prompts, tok, max_length=MAX_PROMPT + MAX_NEW, max_prompt_length=MAX_PROMPT)
@@ -195,8 +207,17 @@ def text(tok, ids):
     return tok.decode([i for i in ids if i < 256])  # bytes only: EOS (and any stray special) is not text
 
 
+def responses(cfg, mu, tok, prompts, seed):
+    """K responses per prompt as token ids with EOS, [len(prompts)][K]: sampled from mu, or one from each
+    of the OTHERS demonstrators (cfg.responses)."""
+    if cfg.responses == "mu":
+        return sample(mu, tok, prompts, cfg.K, temperature=cfg.temperature, seed=seed)
+    rng = random.Random(seed)
+    return [[tok.encode(arith.demonstration(p, rng, cfg.p_error, q)) + [tok.eos_id] for q in OTHERS] for p in prompts]
+
+
 def stage_sample(cfg, mu, tok, sft_seed, seed):
-    """K samples per train prompt from mu, scored by arith.reward -> reward-format JSON Lines
+    """K responses per train prompt (responses()), scored by arith.reward -> reward-format JSON Lines
     {prompt, responses, rewards}: the UltraFeedback-style file train.py reads."""
     path = Path(cfg.out) / f"data-{_key(cfg, *SAMPLE)}-s{sft_seed}-{seed}.jsonl"
     if path.is_file():
@@ -204,7 +225,7 @@ def stage_sample(cfg, mu, tok, sft_seed, seed):
     t0 = time.time()
     prompts = arith.prompts(cfg.n_prompts, split="train", seed=1000 + seed, n_ops=cfg.n_ops, max_operand=cfg.max_operand)
     rows, dropped = [], 0
-    ys_all = sample(mu, tok, prompts, cfg.K, temperature=cfg.temperature, seed=100 * sft_seed + seed)
+    ys_all = responses(cfg, mu, tok, prompts, 100 * sft_seed + seed)
     for p, ys in zip(prompts, ys_all):
         ys = [text(tok, y) for y in ys]
         if not all(y.strip() for y in ys):  # data.py rejects empty responses (an immediate EOS): skip the prompt
@@ -269,7 +290,7 @@ def greedy(model, tok, test):
 def evaluate(pi, mu, tok, test, test_data, seed, cfg):
     """Held-out metrics of a policy pi against the reference mu.
 
-    test_data: K samples of mu per held-out prompt (token ids) with their rewards, so the chosen
+    test_data: K responses per held-out prompt (token ids, as the reward data's) with their rewards, so the chosen
     log-ratio log pi(y_best) - log mu(y_best) is measured on responses pi never trained on."""
     acc, reward = greedy(pi, tok, test)
     ids = data.prompt_ids(test, tok, max_length=MAX_PROMPT + MAX_NEW, max_prompt_length=MAX_PROMPT)
@@ -383,6 +404,8 @@ def run(cfg):
     if cfg.cpu_capability != (here := torch.backends.cpu.get_cpu_capability().lower()):  # torch reads it at import only
         raise ValueError(f"cpu_capability {cfg.cpu_capability!r}, but this process runs {here!r}: "
                          f"start Python with ATEN_CPU_CAPABILITY={cfg.cpu_capability}")
+    if cfg.responses not in ("mu", "others") or cfg.responses == "others" and cfg.K != len(OTHERS):
+        raise ValueError(f"responses {cfg.responses!r} with K = {cfg.K}: expected 'mu', or 'others' with K = {len(OTHERS)}")
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     tok = data.load_tokenizer("byte")
@@ -392,7 +415,7 @@ def run(cfg):
         sfts = dict(zip(cfg.sft_seeds, pool.map(lambda s: stage_sft(cfg, s, tok, test), cfg.sft_seeds)))
     for s, (sft, curves[s]) in sfts.items():
         mu = model_lib.load(sft)
-        test_y = sample(mu, tok, test, cfg.K, temperature=cfg.temperature, seed=20_000 + s)
+        test_y = responses(cfg, mu, tok, test, 20_000 + s)
         test_data = [(ys, [arith.reward(p, text(tok, y)) for y in ys]) for p, ys in zip(test, test_y)]
         for seed in cfg.seeds:
             ids = {"sft_seed": s, "seed": seed}
@@ -485,23 +508,25 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(d.methods), help="comma list of %s" % ", ".join(METHODS))
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (another count rounds differently)")
     p.add_argument("--jobs", type=int, help="alignment runs at once; default cores // threads")
+    p.add_argument("--responses", choices=("mu", "others"), default=d.responses,
+                   help="reward data: K samples from the SFT model, or one from each of K other policies (OTHERS)")
     p.add_argument("--steps", type=int, default=d.steps, help="alignment steps, the same for every method")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full fine-tuning (LoRA wants a larger --lr)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--name", help="file name of the table and figures in --out; default pipeline_t<threads>_<ATen "
-                   "CPU capability>")
+                   "CPU capability>, then _others for --responses others")
     p.add_argument("--figures", default="toy/figures", help="also copy the table and figures here ('' = don't)")
     a = p.parse_args(argv)
     methods = tuple(a.methods.split(","))
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
     cfg = dataclasses.replace(d, out=a.out, sft_seeds=tuple(range(a.sft_seeds)), seeds=tuple(range(a.seeds)),
-                              methods=methods, threads=a.threads,
+                              methods=methods, threads=a.threads, responses=a.responses,
                               jobs=a.jobs or max(1, (os.cpu_count() or 1) // a.threads), steps=a.steps, lora_rank=a.lora_rank, lr=a.lr,
                               beta=a.beta, alpha=a.alpha)
-    name = a.name or f"pipeline_t{a.threads}_{cfg.cpu_capability}"
+    name = a.name or f"pipeline_t{a.threads}_{cfg.cpu_capability}" + ("_others" if a.responses == "others" else "")
     report(cfg, *run(cfg), name)
     if a.figures:  # the small files README shows; the data and checkpoints stay in --out
         Path(a.figures).mkdir(parents=True, exist_ok=True)
