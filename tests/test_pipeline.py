@@ -187,3 +187,9 @@ def test_off_policy_reward_data_come_from_the_stated_demonstrators(tmp_path):
         assert pipeline._key(cfg, *stage) != pipeline._key(mu, *stage)
     with pytest.raises(ValueError, match="responses 'others' with K = 3: expected 'mu', or 'others' with K = 4"):
         pipeline.run(dataclasses.replace(cfg, K=3))
+
+
+def test_a_table_of_one_sft_seed_is_refused_at_once(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--sft-seeds", "1", "--out", "unused"])
+    assert "--sft-seeds 1: the intervals need >= 2 SFT seeds" in capsys.readouterr().err

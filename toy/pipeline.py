@@ -329,7 +329,7 @@ def paired(a, b, key="greedy_acc"):
 
 
 COLUMNS = {"greedy_acc": "greedy accuracy", "greedy_reward": "greedy reward", "sample_acc": "sampled accuracy",
-           "chosen_logratio": "chosen log pi/mu", "kl": "KL(pi||mu)"}
+           "chosen_logratio": "chosen log pi/mu", "kl": "KL(pi‖mu)"}  # ‖, not ||: a pipe splits a Markdown cell
 
 
 def _interval(m, h):
@@ -519,6 +519,8 @@ def main(argv=None):
                    "CPU capability>, then _others for --responses others")
     p.add_argument("--figures", default="toy/figures", help="also copy the table and figures here ('' = don't)")
     a = p.parse_args(argv)
+    if a.sft_seeds < 2:  # table() reports paired intervals over SFT seeds
+        p.error(f"--sft-seeds {a.sft_seeds}: the intervals need >= 2 SFT seeds (one SFT model: python train.py, the demo)")
     methods = tuple(a.methods.split(","))
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown method(s) {unknown}; expected some of {list(METHODS)}")
