@@ -439,8 +439,9 @@ def atomic_write(path, write):
     leaves the previous file whole (os.replace is atomic; without the fsync the rename can reach the disk
     before the data), and mmap views of the previous file stay valid (rewriting it in place is a SIGBUS).
     A failed write (a full disk, a quota; torch.save reports those as RuntimeError) removes the temporary
-    and raises one OSError naming the path."""
-    tmp = Path(f"{path}.tmp")
+    and raises one OSError naming the path. The temporary is the process's own: two processes may write one
+    file at once (toy/pipeline.py's parallel runs each save the same reference cache), and the last rename wins."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -216,6 +216,17 @@ def responses(cfg, mu, tok, prompts, seed):
     return [[tok.encode(arith.demonstration(p, rng, cfg.p_error, q)) + [tok.eos_id] for q in OTHERS] for p in prompts]
 
 
+def reward_rows(tok, prompts, ys_all):
+    """Token-id responses [len(prompts)][K], scored by arith.reward -> (reward-format rows {prompt, responses,
+    rewards}, prompts dropped): data.py rejects an empty response (an immediate EOS), so its prompt is skipped."""
+    rows = []
+    for p, ys in zip(prompts, ys_all):
+        ys = [text(tok, y) for y in ys]
+        if all(y.strip() for y in ys):
+            rows.append({"prompt": p, "responses": ys, "rewards": [arith.reward(p, y) for y in ys]})
+    return rows, len(prompts) - len(rows)
+
+
 def stage_sample(cfg, mu, tok, sft_seed, seed):
     """K responses per train prompt (responses()), scored by arith.reward -> reward-format JSON Lines
     {prompt, responses, rewards}: the UltraFeedback-style file train.py reads."""
@@ -224,14 +235,7 @@ def stage_sample(cfg, mu, tok, sft_seed, seed):
         return path
     t0 = time.time()
     prompts = arith.prompts(cfg.n_prompts, split="train", seed=1000 + seed, n_ops=cfg.n_ops, max_operand=cfg.max_operand)
-    rows, dropped = [], 0
-    ys_all = responses(cfg, mu, tok, prompts, 100 * sft_seed + seed)
-    for p, ys in zip(prompts, ys_all):
-        ys = [text(tok, y) for y in ys]
-        if not all(y.strip() for y in ys):  # data.py rejects empty responses (an immediate EOS): skip the prompt
-            dropped += 1
-            continue
-        rows.append({"prompt": p, "responses": ys, "rewards": [arith.reward(p, y) for y in ys]})
+    rows, dropped = reward_rows(tok, prompts, responses(cfg, mu, tok, prompts, 100 * sft_seed + seed))
     data.write_jsonl(path, rows)
     r = torch.tensor([row["rewards"] for row in rows])
     print(f"stage 2 data (SFT seed {sft_seed}, seed {seed}): {len(rows)} prompts x K = {cfg.K} in {time.time() - t0:.0f}s, mean reward "
@@ -242,19 +246,22 @@ def stage_sample(cfg, mu, tok, sft_seed, seed):
 
 # ----------------------------------------------------------------------------- stage 3: align
 
-def align_dir(cfg, method, sft_seed, seed):
-    return Path(cfg.out) / f"{method}-{_key(cfg, *ALIGN)}-s{sft_seed}-{seed}"
+def align_dir(cfg, method, sft_seed, seed):  # extra: every run evaluates on the test prompts' file (stage_align)
+    return Path(cfg.out) / f"{method}-{_key(cfg, *ALIGN, extra=['--eval-data test'])}-s{sft_seed}-{seed}"
 
 
-def stage_align(cfg, sft, data_path, method, sft_seed, seed):
-    """train.py from mu on the reward file with one method's loss and pairing -> OUT/<method>-<key>-s<sft seed>-<seed>."""
+def stage_align(cfg, sft, data_path, test_path, method, sft_seed, seed):
+    """train.py from mu on the reward file with one method's loss and pairing -> OUT/<method>-<key>-s<sft seed>-<seed>.
+    It trains on every prompt of the file and evaluates 8 times on the held-out prompts' file test_path (their
+    K responses from the same source, as stage 4 scores them): the curves of the demo's figure."""
     run = align_dir(cfg, method, sft_seed, seed)
     if (run / "final" / "config.json").is_file():
         return run
     loss, pairs = METHODS[method]
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    _train(cfg, ["--loss", loss, "--pairs", pairs, "--data", str(data_path), "--init", str(sft), "--out", str(run),
+    _train(cfg, ["--loss", loss, "--pairs", pairs, "--data", str(data_path), "--eval-data", str(test_path),
+            "--init", str(sft), "--out", str(run),
             "--steps", str(cfg.steps), "--batch-size", str(cfg.batch), "--lr", str(cfg.lr), "--beta", str(cfg.beta),
             "--alpha", str(cfg.alpha), "--lora-rank", str(cfg.lora_rank), "--seed", str(seed),
             "--max-length", str(MAX_PROMPT + MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
@@ -417,12 +424,14 @@ def run(cfg):
         mu = model_lib.load(sft)
         test_y = responses(cfg, mu, tok, test, 20_000 + s)
         test_data = [(ys, [arith.reward(p, text(tok, y)) for y in ys]) for p, ys in zip(test, test_y)]
+        test_path = Path(cfg.out) / f"test-{_key(cfg, *SAMPLE)}-s{s}.jsonl"  # the same, for train.py's evaluation
+        data.write_jsonl(test_path, reward_rows(tok, test, test_y)[0])
         for seed in cfg.seeds:
             ids = {"sft_seed": s, "seed": seed}
             results["sft"].append({**ids, **evaluate(mu, mu, tok, test, test_data, 100 * s + seed, cfg)})
             data_path = stage_sample(cfg, mu, tok, s, seed)
             with ThreadPoolExecutor(cfg.jobs) as pool:  # each a train.py process of its own on cfg.threads threads
-                run_dirs = list(pool.map(lambda m: stage_align(cfg, sft, data_path, m, s, seed), cfg.methods))
+                run_dirs = list(pool.map(lambda m: stage_align(cfg, sft, data_path, test_path, m, s, seed), cfg.methods))
             for method, run_dir in zip(cfg.methods, run_dirs):
                 if not (run_dir / "eval.json").is_file():
                     m = evaluate(model_lib.load(run_dir / "final"), mu, tok, test, test_data, 100 * s + seed, cfg)
@@ -472,8 +481,7 @@ def demo(cfg=Config(sft_seeds=(0,), seeds=(0,), methods=("dpo", "nca"), steps=12
                     jobs=1)):
     """`python train.py` with no arguments: one SFT model (cached), one reward file, DPO and NCA on it for 4 epochs
     (128 steps: at the tables' one epoch the held-out likelihoods have not yet parted, README); a figure of their
-    chosen and rejected log pi/mu on the prompts train.py holds out of the reward file (1 in 20) over training,
-    beside the held-out greedy accuracy -> OUT/demo.png, and a line that reads it. Both cores go to one process
+    chosen and rejected log pi/mu on the held-out prompts over training, beside their greedy accuracy -> OUT/demo.png, and a line that reads it. Both cores go to one process
     at a time (SFT is most of the time, and one process). Returns (results, that line)."""
     results, _ = run(cfg)
     # pi = mu before the first step: every log-ratio is exactly 0 there
